@@ -1,0 +1,40 @@
+// Registers the intl_kernels ops with the PyTorch dispatcher (namespace `intl_kernels`).
+// Fake (meta) implementations live in intl_kernels/_ext.py; autograd is wired in Python
+// (intl_kernels.whiten.WhitenFn) so the backward is the hand-written one.
+
+#include <torch/extension.h>
+
+#include <tuple>
+
+#include "whiten.h"
+
+namespace intl_kernels {
+namespace {
+
+using Fwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Fwd whiten_fwd_cpu_op(const at::Tensor& z, int64_t T, double eps, double divisor) {
+  auto o = whiten_fwd_cpu(z, T, eps, divisor);
+  return {o[0], o[1], o[2], o[3], o[4], o[5], o[6]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(intl_kernels, m) {
+  m.def(
+      "whiten_fwd(Tensor z, int T, float eps, float divisor) -> "
+      "(Tensor y, Tensor mean, Tensor rscale, Tensor tau, Tensor A, Tensor P, Tensor X)");
+  m.def(
+      "whiten_bwd(Tensor dy, Tensor z, Tensor mean, Tensor rscale, Tensor tau, Tensor A, Tensor P, "
+      "Tensor X, float divisor) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(intl_kernels, CPU, m) {
+  m.impl("whiten_fwd", &whiten_fwd_cpu_op);
+  m.impl("whiten_bwd", &whiten_bwd_cpu);
+}
+
+}  // namespace intl_kernels
+
+// An importable module: loading it runs the registrations above.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "intl_kernels C++ ops (torch.ops.intl_kernels)"; }

@@ -1,0 +1,17 @@
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace intl_kernels {
+
+// Forward of whiten on CPU. Returns {y, mean, rscale, tau, A, P, X}; see whiten_cpu.cpp.
+std::vector<at::Tensor> whiten_fwd_cpu(const at::Tensor& z, int64_t T, double eps, double divisor);
+
+// Backward of whiten on CPU: dz from dy and the statistics saved by whiten_fwd_cpu.
+at::Tensor whiten_bwd_cpu(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mean,
+                          const at::Tensor& rscale, const at::Tensor& tau, const at::Tensor& A,
+                          const at::Tensor& P, const at::Tensor& X, double divisor);
+
+}  // namespace intl_kernels

@@ -1,0 +1,29 @@
+"""intl_kernels: fast IterNorm whitening (Newton's iteration) and the INTL loss.
+
+Public API (DESIGN §6): ``whiten``, ``iter_norm``, ``norm_mse``, ``trace_loss``,
+``trade_off``, ``intl_loss``, ``available_backends``.
+"""
+
+from intl_kernels import _backends
+from intl_kernels._backends import available_backends
+from intl_kernels.losses import intl_loss, norm_mse, trace_loss, trade_off
+from intl_kernels.whiten import WhitenFn, _whiten_bwd_torch, _whiten_fwd_torch, iter_norm, whiten
+
+_backends.register("torch", _whiten_fwd_torch, _whiten_bwd_torch)
+
+from intl_kernels import _ext  # noqa: E402  (registers the cpu backend when built)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "WhitenFn",
+    "available_backends",
+    "intl_loss",
+    "iter_norm",
+    "norm_mse",
+    "trace_loss",
+    "trade_off",
+    "whiten",
+]
+
+del _ext

@@ -1,0 +1,105 @@
+"""Build of intl_kernels and its optional C++/CUDA extension ``intl_kernels._C``.
+
+Environment flags (compared to "1"):
+  INTL_KERNELS_SKIP_BUILD=1        install the pure-Python package only (backends: torch)
+  INTL_KERNELS_SKIP_CUDA_BUILD=1   build the C++ CPU kernels only, even where nvcc is found
+  INTL_KERNELS_CUDA_ARCHS="80;90"  CUDA architectures for csrc/*.cu (default 80;90)
+  MAX_JOBS=N                       parallel compile jobs (ninja; read by torch's BuildExtension)
+
+The C++ CPU kernels are always built. CUDA sources are compiled only when torch is a
+CUDA build and nvcc is found (CUDA_HOME, or the toolkit of the nvcc on PATH); otherwise
+the build says why and goes on CPU-only. Install: `pip install --no-build-isolation -e .`
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(ROOT, "csrc")
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip() == "1"
+
+
+def _log(msg: str) -> None:
+    print(f"intl_kernels setup: {msg}", flush=True)
+
+
+def _cuda_home() -> str | None:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home:
+        return home
+    nvcc = shutil.which("nvcc")
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+
+
+def _cuda_disabled_reason(torch) -> str | None:
+    """None when CUDA sources can be compiled here, else why not."""
+    if _flag("INTL_KERNELS_SKIP_CUDA_BUILD"):
+        return "INTL_KERNELS_SKIP_CUDA_BUILD=1"
+    if torch.version.cuda is None:
+        return "torch is not a CUDA build"
+    home = _cuda_home()
+    if home is None or not os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+    return None
+
+
+def _ext_modules():
+    if _flag("INTL_KERNELS_SKIP_BUILD"):
+        _log("INTL_KERNELS_SKIP_BUILD=1: pure-Python install, no intl_kernels._C")
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension
+
+    cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    cxx_flags = ["-O3"]
+    reason = _cuda_disabled_reason(torch) if cuda_sources else "no CUDA sources"
+    if reason is None:
+        os.environ.setdefault("CUDA_HOME", _cuda_home())
+        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
+        archs = os.environ.get("INTL_KERNELS_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
+        nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+        for arch in filter(None, (a.strip() for a in archs)):
+            nvcc_flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+        _log(f"building C++ and CUDA kernels for sm {archs}")
+        ext = cpp_extension.CUDAExtension(
+            "intl_kernels._C",
+            cpp_sources + cuda_sources,
+            include_dirs=[CSRC],
+            define_macros=[("INTL_KERNELS_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        )
+    else:
+        _log(f"building C++ CPU kernels only ({reason})")
+        ext = cpp_extension.CppExtension(
+            "intl_kernels._C", cpp_sources, include_dirs=[CSRC], extra_compile_args={"cxx": cxx_flags}
+        )
+    return [ext], {"build_ext": _build_ext_class(cpp_extension.BuildExtension)}
+
+
+def _build_ext_class(base):
+    class BuildExt(base):
+        """Objects go to build/temp in the source tree so rebuilds (also editable) are incremental."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = os.path.join(ROOT, "build", "temp")
+
+    return BuildExt.with_options(use_ninja=True)
+
+
+ext_modules, cmdclass = _ext_modules()
+
+setup(
+    packages=find_packages(include=["intl_kernels", "intl_kernels.*", "python_ref", "python_ref.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

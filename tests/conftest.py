@@ -1,0 +1,46 @@
+"""Shared test helpers: backends under test, the tolerance rule, verbose comparisons."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import intl_kernels as ik
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+CPU_BACKENDS = [b for b in ik.available_backends() if b in ("torch", "cpu")]
+
+
+def describe_error(actual: torch.Tensor, expected: torch.Tensor) -> str:
+    diff = (actual.double() - expected.double()).abs()
+    flat = int(diff.nan_to_num(float("inf")).argmax())
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape))
+    return (
+        f"max err {diff.max().item():.3e}, mean err {diff.mean().item():.3e}, "
+        f"worst at {idx}: actual {actual[idx].item():.6e} expected {expected[idx].item():.6e}"
+    )
+
+
+def max_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (actual.double() - expected.double()).abs().max().item()
+
+
+def assert_tolerance_rule(fast, ref_lowp, ref64, atol: float, what: str) -> None:
+    """DESIGN §4: max|fast − ref64| <= 2·max|ref_lowp − ref64| + atol."""
+    assert fast.dtype == ref_lowp.dtype, f"{what}: dtype {fast.dtype} != {ref_lowp.dtype}"
+    assert torch.isfinite(fast).all(), f"{what}: non-finite values"
+    e_fast, e_ref = max_err(fast, ref64), max_err(ref_lowp, ref64)
+    bound = 2 * e_ref + atol
+    assert e_fast <= bound, (
+        f"{what}: error {e_fast:.3e} > 2 × reference error {e_ref:.3e} + atol {atol:.1e}; "
+        + describe_error(fast, ref64)
+    )

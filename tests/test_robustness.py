@@ -1,0 +1,151 @@
+"""Finite output and gradient for every finite input (Foundation issue, item 5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CPU_BACKENDS, describe_error
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import intl_kernels as ik
+
+
+def _fwd_bwd(x, backend, T=4):
+    x = x.detach().requires_grad_()
+    y = ik.iter_norm(x, T, backend=backend)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    (dx,) = torch.autograd.grad(y, x, dy.to(y.dtype))
+    return y.detach(), dx
+
+
+def _assert_finite(*tensors):
+    for t in tensors:
+        assert torch.isfinite(t).all(), f"non-finite values: {t}"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("scale", [1e-20, 1e20, 1e-35, 3e37], ids=lambda s: f"x{s:g}")
+def test_extreme_scales_float32(backend, scale):
+    """S would underflow / overflow in float32 without the rescale; Y is scale invariant."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 48)
+    y_ref, _ = _fwd_bwd(x.double(), backend)
+    y, dx = _fwd_bwd(x * scale, backend)
+    _assert_finite(y, dx)
+    assert (y.double() - y_ref).abs().max() < 1e-4, describe_error(y, y_ref)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_large_mean_is_centred_without_cancellation(backend):
+    """Rows whose mean is 1e4 × their spread lose nothing to centring."""
+    torch.manual_seed(1)
+    spread = torch.randn(16, 64)
+    offset = 1e4 * torch.randn(16, 1).sign()
+    x = spread + offset  # float32: the spread keeps ~10 bits here
+    y64, dx64 = _fwd_bwd(x.double(), "torch")
+    y, dx = _fwd_bwd(x, backend)
+    y0, dx0 = _fwd_bwd(spread, backend)  # same computation without the offset
+    err, err0 = (
+        (y.double() - y64).abs().max(),
+        (y0.double() - _fwd_bwd(spread.double(), "torch")[0]).abs().max(),
+    )
+    assert err <= 4 * err0 + 1e-6, f"offset error {err:.2e} vs no-offset error {err0:.2e}"
+    assert (dx.double() - dx64).abs().max() <= 1e-4 * dx64.abs().max(), describe_error(dx, dx64)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_constant_rows_and_rank_one(backend):
+    torch.manual_seed(2)
+    x = torch.randn(6, 10)
+    x[2] = 3.0  # constant row
+    y, dx = _fwd_bwd(x, backend)
+    _assert_finite(y, dx)
+    assert y[2].abs().max() < 1e-5  # a constant row centres to zero
+    u, v = torch.randn(6, 1), torch.randn(1, 10)
+    y, dx = _fwd_bwd(u @ v + 5.0, backend)  # rank 1 after centring
+    _assert_finite(y, dx)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("eps", [0.0, 1e-5])
+def test_zero_covariance_group_gives_zeros(backend, eps):
+    """A whole group constant: S = eps·I (τ = 0 when eps = 0); Y = 0 and dZ = 0 (documented)."""
+    z = torch.randn(3, 4, 9)
+    z[1] = 7.0
+    z = z.requires_grad_()
+    y = ik.whiten(z, 5, eps=eps, divisor=9.0, backend=backend)
+    (dz,) = torch.autograd.grad(y, z, torch.randn_like(y))
+    _assert_finite(y, dz)
+    assert torch.equal(y[1], torch.zeros_like(y[1]))
+    if eps == 0.0:
+        assert torch.equal(dz[1], torch.zeros_like(dz[1]))
+    assert y[0].abs().max() > 0.1 and y[2].abs().max() > 0.1  # other groups unaffected
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 2), (2, 50), (50, 2), (40, 3)], ids=["N2-D2", "N2", "D2", "r>n"])
+def test_tiny_shapes(backend, shape):
+    torch.manual_seed(3)
+    y, dx = _fwd_bwd(torch.randn(shape), backend)
+    _assert_finite(y, dx)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_nan_in_nan_out_per_group(backend, bad):
+    """NaN or inf in a group makes that group's output NaN and leaves the others alone."""
+    z = torch.randn(3, 4, 9)
+    z[1, 2, 3] = bad
+    y = ik.whiten(z, 4, backend=backend)
+    assert torch.isnan(y[1]).all()
+    assert torch.isfinite(y[0]).all() and torch.isfinite(y[2]).all()
+
+
+# --- property tests -----------------------------------------------------------------
+
+_settings = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def finite_inputs(draw):
+    """float32 matrices with arbitrary finite magnitudes, duplicate values and constant rows."""
+    G = draw(st.integers(1, 2))
+    r = draw(st.integers(1, 6))
+    n = draw(st.integers(2, 8))
+    exponent = draw(st.integers(-30, 30))
+    mant = st.floats(-1.0, 1.0, width=32, allow_subnormal=False)
+    values = draw(st.lists(mant, min_size=G * r * n, max_size=G * r * n))
+    z = torch.tensor(values, dtype=torch.float32).view(G, r, n) * 10.0**exponent
+    if draw(st.booleans()):
+        z[:, 0] = draw(mant) * 10.0**exponent  # a constant row
+    return z
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@_settings
+@given(z=finite_inputs(), T=st.integers(1, 6), eps=st.sampled_from([0.0, 1e-5]))
+def test_property_finite(backend, z, T, eps):
+    z = z.requires_grad_()
+    y = ik.whiten(z, T, eps=eps, backend=backend)
+    (dz,) = torch.autograd.grad(y, z, torch.randn_like(y))
+    assert torch.isfinite(y).all() and torch.isfinite(dz).all(), (z, y, dz)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@_settings
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    r=st.integers(1, 8),
+    extra=st.integers(2, 24),
+    log_scale=st.floats(-30.0, 30.0),
+    T=st.integers(1, 6),
+)
+def test_property_scale_invariance(backend, seed, r, extra, log_scale, T):
+    """whiten(c·z) = whiten(z) for any c > 0 (eps = 0), within float64 rounding."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(1, r, r + extra, dtype=torch.float64, generator=g)
+    c = 10.0**log_scale
+    y = ik.whiten(z, T, backend=backend)
+    yc = ik.whiten(z * c, T, backend=backend)
+    assert (yc - y).abs().max() <= 1e-9 * max(1.0, y.abs().max().item()), describe_error(yc, y)
