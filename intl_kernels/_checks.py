@@ -46,3 +46,15 @@ def check_real(fn: str, name: str, value: object, *, minimum: float, strict: boo
         relation = ">" if strict else ">="
         raise ValueError(f"{fn}: {name} must be finite and {relation} {minimum}, got {value}")
     return value
+
+
+def check_pair_2d(fn: str, first: tuple[str, object], second: tuple[str, object]) -> None:
+    """Two float (N, D) tensors of the same shape, e.g. the embeddings of two views."""
+    for name, t in (first, second):
+        check_float_tensor(fn, name, t)
+        check_ndim(fn, name, t, (2,), "2-D (N, D)")
+    (na, a), (nb, b) = first, second
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{fn}: {na} and {nb} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )

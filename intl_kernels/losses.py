@@ -12,7 +12,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from intl_kernels._checks import check_float_tensor, check_ndim
+from intl_kernels._checks import check_float_tensor, check_ndim, check_pair_2d
 from intl_kernels.whiten import iter_norm
 
 
@@ -26,13 +26,7 @@ def norm_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     Returns:
         scalar tensor.
     """
-    for name, t in (("a", a), ("b", b)):
-        check_float_tensor("norm_mse", name, t)
-        check_ndim("norm_mse", name, t, (2,), "2-D (N, D)")
-    if a.shape != b.shape:
-        raise ValueError(
-            f"norm_mse: a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
-        )
+    check_pair_2d("norm_mse", ("a", a), ("b", b))
     return 2 - 2 * (F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(dim=-1).mean()
 
 
@@ -100,13 +94,7 @@ def intl_loss(
         >>> loss.shape
         torch.Size([])
     """
-    for name, t in (("z1", z1), ("z2", z2)):
-        check_float_tensor("intl_loss", name, t)
-        check_ndim("intl_loss", name, t, (2,), "2-D (N, D)")
-    if z1.shape != z2.shape:
-        raise ValueError(
-            f"intl_loss: z1 and z2 must have the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}"
-        )
+    check_pair_2d("intl_loss", ("z1", z1), ("z2", z2))
     if gather_distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
         if torch.distributed.get_world_size() > 1:
             raise NotImplementedError(
