@@ -96,10 +96,10 @@ def _build_ext_class(base):
     return BuildExt.with_options(use_ninja=True)
 
 
-ext_modules, cmdclass = _ext_modules()
-
-setup(
-    packages=find_packages(include=["intl_kernels", "intl_kernels.*", "python_ref", "python_ref.*"]),
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+if __name__ == "__main__":  # also how setuptools' PEP 517 backend runs this file
+    ext_modules, cmdclass = _ext_modules()
+    setup(
+        packages=find_packages(include=["intl_kernels", "intl_kernels.*", "python_ref", "python_ref.*"]),
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )
