@@ -12,7 +12,8 @@
 // Products whose result is symmetric (S, X, Q, P_k Q, P_k D P_k) compute only the lower
 // block triangle with 128-row blocks and mirror it (62.5% of the FLOPs at r = 512).
 // Batched over G; statistics in float64 for float64 inputs and float32 otherwise; Y and
-// dZ in the input dtype; any input strides. τ = 0 (zero covariance) gives Y = 0, dZ = 0.
+// dZ in the input dtype; any input strides. Zero covariance (τ = 0 or subnormal) gives
+// Y = 0, dZ = 0.
 //
 // Saved for the backward: mean (G, r, 1), rscale (G, 1, 1), tau (G, 1, 1), A (G, r, r),
 // P (T, G, r, r) = P_1..P_T, X (T−1, G, r, r) = P_k² for k = 1..T−1.
@@ -191,9 +192,12 @@ at::Tensor& sym_(at::Tensor& x, double alpha = 0.5, const at::Tensor* b = nullpt
   return x;
 }
 
-// where(τ > 0, τ, 1) and where(τ > 0, 1/√τ, 0).
+// (τ, 1/√τ), with (1, 0) where τ is zero or subnormal: a subnormal τ only comes from an
+// eps ridge that underflowed on a zero covariance, and dividing by it would overflow.
 std::pair<at::Tensor, at::Tensor> safe_tau(const at::Tensor& tau) {
-  auto pos = tau > 0;
+  const double tiny = tau.scalar_type() == at::kDouble ? std::numeric_limits<double>::min()
+                                                        : std::numeric_limits<float>::min();
+  auto pos = tau >= tiny;
   auto tau_safe = at::where(pos, tau, at::ones_like(tau));
   auto rsqrt_tau = at::where(pos, tau_safe.rsqrt(), at::zeros_like(tau));
   return {tau_safe, rsqrt_tau};

@@ -47,6 +47,11 @@ from intl_kernels import _backends
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 PLOT_FLOOR = 1e-12  # eigenvalues below this (the null directions) are drawn at the floor on log axes
+SERIES = (  # (key in spectra(), format, style, legend label) of the per-T panels
+    ("u", "o", {"ms": 3.5, "color": "0.45"}, "before: u = λ(S)/tr S"),
+    ("predicted", "-", {"lw": 1.6, "color": "C1"}, "predicted: u·f_T(u)²"),
+    ("measured", "x", {"ms": 4.5, "color": "C0"}, "after: λ(YYᵀ/(D−1))"),
+)
 
 
 def h_T(u: np.ndarray, T: int) -> np.ndarray:
@@ -115,14 +120,12 @@ def plot(results: dict[int, dict[str, np.ndarray]], nonnull: np.ndarray, title: 
     for ax, T in zip(axes, Ts, strict=False):
         r = results[T]
         idx = np.arange(1, len(r["u"]) + 1)
-        ax.semilogy(idx, np.clip(r["u"], PLOT_FLOOR, None), "o", ms=3.5, color="0.45", label="before: u = λ(S)/tr S")
-        ax.semilogy(idx, np.clip(r["predicted"], PLOT_FLOOR, None), "-", lw=1.6, color="C1",
-                    label="predicted: u·f_T(u)²")
-        ax.semilogy(idx, np.clip(r["measured"], PLOT_FLOOR, None), "x", ms=4.5, color="C0",
-                    label="after: λ(YYᵀ/(D−1))")
+        for key, fmt, style, label in SERIES:
+            ax.semilogy(idx, np.clip(r[key], PLOT_FLOOR, None), fmt, **style, label=label)
         ax.axhline(1.0, color="0.7", lw=0.8, ls=":")
         if n_null:
-            ax.axvspan(0.5, n_null + 0.5, color="0.92", zorder=0, label=f"null directions ({n_null}), at floor")
+            null_label = f"null directions ({n_null}), at floor"
+            ax.axvspan(0.5, n_null + 0.5, color="0.92", zorder=0, label=null_label)
         dev = np.abs(r["measured"] - r["predicted"]).max()
         ax.set_title(f"T = {T}: max |after − predicted| = {dev:.1e}")
         ax.set_xlabel("eigenvalue index (ascending)")
@@ -136,8 +139,8 @@ def plot(results: dict[int, dict[str, np.ndarray]], nonnull: np.ndarray, title: 
     for i, T in enumerate(Ts):
         r = results[T]
         ax.loglog(grid, h_T(grid, T), "-", lw=1.4, color=f"C{i}", label=f"h_{T}(u) = u·f_{T}(u)²")
-        ax.loglog(r["u"][nonnull], r["measured"][nonnull], "o", ms=3, mfc="none", color=f"C{i}",
-                  label=f"measured, T = {T}")
+        measured = {"ms": 3, "mfc": "none", "color": f"C{i}", "label": f"measured, T = {T}"}
+        ax.loglog(r["u"][nonnull], r["measured"][nonnull], "o", **measured)
     ax.set_title("Theorem 1: after = h_T(before), non-null eigenvalues")
     ax.set_xlabel("before: u = λ(S)/tr S")
     ax.set_ylabel("after: λ(YYᵀ/(D−1))")
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m intl_kernels.demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo_out", help="directory for spectrum.png (default: demo_out/)")
     p.add_argument("--T", type=int, default=4, help="Newton steps of the main run (INTL: 4)")
-    p.add_argument("--compare-T", default="2,6", help="other T values to plot, comma separated (default: 2,6)")
+    p.add_argument("--compare-T", default="2,6", help="other T values to plot, comma-separated (default 2,6)")
     p.add_argument("--n", type=int, default=64, help="batch size N: the first N digits (default: 64)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of X given to iter_norm")
     p.add_argument("--backend", default="auto", help="iter_norm backend (default: auto)")
@@ -199,20 +202,24 @@ def main(argv: list[str] | None = None) -> dict:
         for i, (uu, m, pr) in enumerate(zip(u, main_r["measured"], main_r["predicted"], strict=True))
     ]
     print(f"Eigenvalues, T = {args.T} (ascending):")
-    print(_fmt_table(["i", "before u = λ(S)/tr S", "after λ(YYᵀ/(D−1))", "predicted u·f_T(u)²", "|diff|"], rows))
+    header = ["i", "before u = λ(S)/tr S", "after λ(YYᵀ/(D−1))", "predicted u·f_T(u)²", "|diff|"]
+    print(_fmt_table(header, rows))
     print()
     summary = []
     for T, r in results.items():
-        summary.append([
-            str(T),
-            f"{dev_by_T[T]:.2e}",
-            f"{r['measured'][nonnull].min():.3e}",
-            f"{r['measured'].max():.3e}",
-            f"{_cond(u, nonnull):.3e}",
-            f"{_cond(r['measured'], nonnull):.3e}",
-        ])
+        summary.append(
+            [
+                str(T),
+                f"{dev_by_T[T]:.2e}",
+                f"{r['measured'][nonnull].min():.3e}",
+                f"{r['measured'].max():.3e}",
+                f"{_cond(u, nonnull):.3e}",
+                f"{_cond(r['measured'], nonnull):.3e}",
+            ]
+        )
     print("Summary over T (min, cond over the non-null eigenvalues; fully whitened would be 1, 1, cond 1):")
-    print(_fmt_table(["T", "max |after − pred|", "min after", "max after", "cond before", "cond after"], summary))
+    header = ["T", "max |after − pred|", "min after", "max after", "cond before", "cond after"]
+    print(_fmt_table(header, summary))
     unstable = [T for T, d in dev_by_T.items() if d > 1e-3]
     if unstable:
         print(

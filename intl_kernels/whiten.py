@@ -15,7 +15,7 @@ Algorithm (DESIGN §2), for each of the G matrices Z in z: (G, r, n):
 
 Y is exactly invariant to the rescale (S, τ scale by 2^-2e and √τ undoes it), so
 every finite input gives finite statistics. A group whose covariance is exactly zero
-(τ = 0: all rows constant, eps = 0) returns Y = 0 and a zero gradient. NaN or ±inf in
+(all rows constant; τ = 0 when eps = 0) returns Y = 0 and a zero gradient. NaN or ±inf in
 a group gives NaN in that group's output only.
 
 Backward (DESIGN §3) is hand-written with symmetrised adjoints. With D = sym(P̄_{k+1}),
@@ -72,8 +72,13 @@ def _shifted(z: torch.Tensor, rscale: torch.Tensor) -> torch.Tensor:
 
 
 def _safe_tau(tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(τ with zeros replaced by 1, 1/√τ with zeros where τ = 0)."""
-    pos = tau > 0
+    """(τ, 1/√τ), with (1, 0) where τ is zero or subnormal.
+
+    After the rescale a nonzero covariance has τ far above the smallest normal number;
+    a subnormal τ only comes from an eps ridge that underflowed on a zero covariance,
+    and dividing by it would overflow. Such groups are treated as τ = 0: Y = 0, dZ = 0.
+    """
+    pos = tau >= torch.finfo(tau.dtype).tiny
     tau_safe = torch.where(pos, tau, torch.ones_like(tau))
     rsqrt_tau = torch.where(pos, tau_safe.rsqrt(), torch.zeros_like(tau))
     return tau_safe, rsqrt_tau

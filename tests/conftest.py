@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import settings
 
 import intl_kernels as ik
 
@@ -44,3 +47,9 @@ def assert_tolerance_rule(fast, ref_lowp, ref64, atol: float, what: str) -> None
         f"{what}: error {e_fast:.3e} > 2 × reference error {e_ref:.3e} + atol {atol:.1e}; "
         + describe_error(fast, ref64)
     )
+
+
+# Property tests: a fixed example sequence in CI (a red run must be reproducible), fresh
+# random examples on developer machines (where they keep finding new corners).
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
