@@ -2,16 +2,16 @@
 
 Algorithm (DESIGN §2), for each of the G matrices Z in z: (G, r, n):
 
-    Zs  = Z · 2^-e              power-of-two rescale (exact) so that |Zs| <= 1
+    Zs  = Z · 2^-e              power-of-two rescale (exact): |Zs| <= 1 (<= 4 at float max)
     Zh  = Zs − Zs[:, 0]         shift by the first column (exact when |mean| >> spread)
     Zc  = Zh − mean_n(Zh)       centred before the product: no E[ZZᵀ] − μμᵀ cancellation
     S   = Zc Zcᵀ / divisor + eps·2^-2e·I,   τ = tr S,   A = S / τ
     P_1 = (3I − A)/2            (P_0 = I makes the first step free)
     P_2 = (36I − 39A + A²(27I − 9A + A²))/16            2 GEMMs (P_1 is a polynomial in A)
     P_{k+1} = 1.5 P_k − 0.5 P_k³A        3 GEMMs a step: X = P·P, Q = X·A, P·Q   (k >= 2)
-
-8 GEMMs for T = 4 (the authors' loop: 12).
     Y   = (P_T / √τ) Zc
+
+8 r×r GEMMs for T = 4 (the authors' loop: 12).
 
 Y is exactly invariant to the rescale (S, τ scale by 2^-2e and √τ undoes it), so
 every finite input gives finite statistics. A group whose covariance is exactly zero
@@ -89,13 +89,12 @@ def _sym(x: torch.Tensor) -> torch.Tensor:
 
 
 def _whiten_fwd_torch(z: torch.Tensor, T: int, eps: float, divisor: float):
-    """Plain-torch forward. Returns (y, mean, rscale, tau, A, P, PA, Q).
+    """Plain-torch forward. Returns (y, mean, rscale, tau, A, P, X).
 
-    y: (G, r, n) input dtype; mean: (G, r, 1) row means of the rescaled input minus
-    its first column;
-    rscale: (G, 1, 1) the power-of-two rescale 2^-e; tau: (G, 1, 1) trace of the
-    rescaled S; A: (G, r, r); P: (T, G, r, r) holding P_1..P_T; X: (T−1, G, r, r)
-    holding P_k² for k = 1..T−1.
+    y: (G, r, n) input dtype; mean: (G, r, 1) row means of the rescaled input minus its
+    first column; rscale: (G, 1, 1) the power-of-two rescale 2^-e; tau: (G, 1, 1) trace of
+    the rescaled S; A: (G, r, r); P: (T, G, r, r) holding P_1..P_T; X: (T−1, G, r, r)
+    holding P_k² for k = 1..T−1. The same contract as ``torch.ops.intl_kernels.whiten_fwd``.
     """
     cdt = stats_dtype(z.dtype)
     G, r, _ = z.shape
