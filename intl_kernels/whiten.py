@@ -46,6 +46,7 @@ from torch.autograd.function import once_differentiable
 
 from intl_kernels import _backends
 from intl_kernels._checks import check_float_tensor, check_int, check_ndim, check_real
+from intl_kernels.distributed import gather_rows
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -162,7 +163,8 @@ class WhitenFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, T, eps, divisor, backend):
         fwd, _ = _backends.kernels(backend)
-        y, *stats = fwd(z, T, eps, divisor)
+        with torch.autocast(z.device.type, enabled=False):  # statistics stay fp32/fp64
+            y, *stats = fwd(z, T, eps, divisor)
         ctx.save_for_backward(z, *stats)
         ctx.divisor = divisor
         ctx.backend = backend
@@ -173,7 +175,8 @@ class WhitenFn(torch.autograd.Function):
     def backward(ctx, dy):
         z, *stats = ctx.saved_tensors
         _, bwd = _backends.kernels(ctx.backend)
-        dz = bwd(dy, z, *stats, ctx.divisor)
+        with torch.autocast(z.device.type, enabled=False):
+            dz = bwd(dy, z, *stats, ctx.divisor)
         return dz, None, None, None, None
 
 
@@ -228,6 +231,7 @@ def iter_norm(
     x: torch.Tensor,
     T: int = 4,
     *,
+    gather_distributed: bool = False,
     backend: str = "auto",
     precision: str | None = None,
 ) -> torch.Tensor:
@@ -240,11 +244,14 @@ def iter_norm(
         x: (N, D) or (B, N, D) float tensor, N >= 2 samples, D >= 2 features; a leading
             B whitens B independent batches (e.g. crops) in one call.
         T: Newton steps, >= 1 (INTL uses 4).
+        gather_distributed: under torch.distributed, all-gather the rows of every rank
+            (same N on each), whiten the global batch and return this rank's rows; the
+            backward sums gradients over ranks (see ``intl_kernels.distributed``).
         backend: "auto", "torch" or "cpu".
         precision: None or "ieee".
 
     Returns:
-        y: same shape and dtype as x.
+        y: same shape and dtype as x (this rank's rows of the whitened global batch).
 
     Example:
         >>> import torch, intl_kernels as ik
@@ -263,5 +270,8 @@ def iter_norm(
     T = check_int(fn, "T", T, 1)
     z = x if x.dim() == 3 else x.unsqueeze(0)
     backend = _backends.resolve(fn, backend, z, precision)
-    y = WhitenFn.apply(z, T, 0.0, float(D - 1), backend)
+    rows = slice(None)
+    if gather_distributed:
+        z, rows = gather_rows(z)
+    y = WhitenFn.apply(z, T, 0.0, float(D - 1), backend)[:, rows]
     return y if x.dim() == 3 else y.squeeze(0)
