@@ -1,7 +1,8 @@
 """intl_kernels: fast IterNorm whitening (Newton's iteration) and the INTL loss.
 
 Public API (DESIGN §6): ``whiten``, ``iter_norm``, ``norm_mse``, ``trace_loss``,
-``trade_off``, ``intl_loss``, ``available_backends``.
+``trade_off``, ``intl_loss``, ``available_backends``. Backends: torch, cpu (C++ extension),
+triton (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
 """
 
 from intl_kernels import _backends
@@ -10,6 +11,15 @@ from intl_kernels.losses import intl_loss, norm_mse, trace_loss, trade_off
 from intl_kernels.whiten import WhitenFn, _whiten_bwd_torch, _whiten_fwd_torch, iter_norm, whiten
 
 _backends.register("torch", _whiten_fwd_torch, _whiten_bwd_torch)
+
+
+def _load_triton():
+    from intl_kernels.triton.whiten import whiten_bwd_dispatch, whiten_fwd_dispatch
+
+    return whiten_fwd_dispatch, whiten_bwd_dispatch
+
+
+_backends.register_lazy("triton", _load_triton)
 
 from intl_kernels import _ext  # noqa: E402  (registers the cpu backend when built)
 

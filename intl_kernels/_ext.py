@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from intl_kernels import _backends
-from intl_kernels.whiten import stats_dtype
+from intl_kernels.whiten import fake_whiten_bwd, fake_whiten_fwd
 
 try:
     from intl_kernels import _C  # noqa: F401  (loading registers the ops)
@@ -21,29 +21,14 @@ except ImportError as exc:  # not built, or built against another torch
     _backends.set_unavailable("cpu", f"importing intl_kernels._C failed ({exc}); {_backends.BUILD_HINT}")
 
 
-def _fake_whiten_fwd(z, T, eps, divisor):
-    G, r, n = z.shape
-    cdt = stats_dtype(z.dtype)
-
-    def stat(*shape):
-        return z.new_empty(shape, dtype=cdt)
-
-    return (
-        torch.empty_like(z, memory_format=torch.contiguous_format),
-        stat(G, r, 1),
-        stat(G, 1, 1),
-        stat(G, 1, 1),
-        stat(G, r, r),
-        stat(T, G, r, r),
-        stat(T - 1, G, r, r),
-    )
-
-
-def _fake_whiten_bwd(dy, z, mean, rscale, tau, A, P, X, divisor):
-    return torch.empty_like(z, memory_format=torch.contiguous_format)
-
-
 if _C is not None:
-    torch.library.register_fake("intl_kernels::whiten_fwd")(_fake_whiten_fwd)
-    torch.library.register_fake("intl_kernels::whiten_bwd")(_fake_whiten_bwd)
-    _backends.register("cpu", torch.ops.intl_kernels.whiten_fwd, torch.ops.intl_kernels.whiten_bwd)
+    torch.library.register_fake("intl_kernels::whiten_fwd")(fake_whiten_fwd)
+    torch.library.register_fake("intl_kernels::whiten_bwd")(fake_whiten_bwd)
+
+    def _cpu_fwd(z, T, eps, divisor, precision="ieee"):  # the op has full accuracy only
+        return torch.ops.intl_kernels.whiten_fwd(z, T, eps, divisor)
+
+    def _cpu_bwd(dy, z, mean, rscale, tau, A, P, X, divisor, precision="ieee"):
+        return torch.ops.intl_kernels.whiten_bwd(dy, z, mean, rscale, tau, A, P, X, divisor)
+
+    _backends.register("cpu", _cpu_fwd, _cpu_bwd)

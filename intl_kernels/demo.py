@@ -72,17 +72,19 @@ def load_batch(n: int) -> np.ndarray:
     return np.ascontiguousarray(data[:n], dtype=np.float64)
 
 
-def spectra(x: np.ndarray, T: int, dtype: torch.dtype, backend: str) -> dict[str, np.ndarray]:
+def spectra(
+    x: np.ndarray, T: int, dtype: torch.dtype, backend: str, device: str = "cpu"
+) -> dict[str, np.ndarray]:
     """u (before), measured λ̂ (after) and predicted h_T(u), each sorted ascending, float64.
 
-    x: (N, D) float64 array; iter_norm runs on it cast to ``dtype``.
+    x: (N, D) float64 array; iter_norm runs on it cast to ``dtype``, on ``device``.
     """
     N, D = x.shape
     x64 = torch.from_numpy(x)
     xc = x64 - x64.mean(dim=1, keepdim=True)
     S = xc @ xc.T / (D - 1)
     u = torch.linalg.eigvalsh(S / S.trace()).numpy()
-    y = intl_kernels.iter_norm(x64.to(dtype), T, backend=backend).to(torch.float64)
+    y = intl_kernels.iter_norm(x64.to(device, dtype), T, backend=backend).to("cpu", torch.float64)
     measured = torch.linalg.eigvalsh(y @ y.T / (D - 1)).numpy()
     # clip the rounding-level negative u of the null directions: h_T(0) = 0
     return {"u": u, "measured": measured, "predicted": h_T(np.clip(u, 0.0, None), T)}
@@ -180,8 +182,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     x = load_batch(args.n)
     N, D = x.shape
-    ran = _backends.resolve("demo", args.backend, torch.from_numpy(x).to(dtype).unsqueeze(0), None)
-    results = {T: spectra(x, T, dtype, args.backend) for T in Ts}
+    device = _backends.device_of(args.backend)
+    ran, _ = _backends.resolve("demo", args.backend, torch.from_numpy(x).to(device, dtype).unsqueeze(0), None)
+    results = {T: spectra(x, T, dtype, args.backend, device) for T in Ts}
     main_r = results[args.T]
     u = main_r["u"]
     nonnull = u > N * np.finfo(np.float64).eps * u.max()  # numerical rank, as in matrix_rank

@@ -89,7 +89,7 @@ def _sym(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (x + x.mT)
 
 
-def _whiten_fwd_torch(z: torch.Tensor, T: int, eps: float, divisor: float):
+def _whiten_fwd_torch(z: torch.Tensor, T: int, eps: float, divisor: float, precision: str = "ieee"):
     """Plain-torch forward. Returns (y, mean, rscale, tau, A, P, X).
 
     y: (G, r, n) input dtype; mean: (G, r, 1) row means of the rescaled input minus its
@@ -127,7 +127,7 @@ def _whiten_fwd_torch(z: torch.Tensor, T: int, eps: float, divisor: float):
     return y, mean, rscale, tau, A, torch.stack(Ps), X
 
 
-def _whiten_bwd_torch(dy, z, mean, rscale, tau, A, P, X, divisor: float):
+def _whiten_bwd_torch(dy, z, mean, rscale, tau, A, P, X, divisor: float, precision: str = "ieee"):
     """Plain-torch backward of :func:`_whiten_fwd_torch` (DESIGN §3). Returns dz."""
     cdt = A.dtype
     T = P.shape[0]
@@ -157,17 +157,43 @@ def _whiten_bwd_torch(dy, z, mean, rscale, tau, A, P, X, divisor: float):
     return (dzs * rscale).to(z.dtype)
 
 
+def fake_whiten_fwd(z, T, eps, divisor, precision="ieee"):
+    """Shapes and dtypes of a backend forward's outputs (fake/meta implementation)."""
+    G, r, _ = z.shape
+    cdt = stats_dtype(z.dtype)
+
+    def stat(*shape):
+        return z.new_empty(shape, dtype=cdt)
+
+    y = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+    return (
+        y,
+        stat(G, r, 1),
+        stat(G, 1, 1),
+        stat(G, 1, 1),
+        stat(G, r, r),
+        stat(T, G, r, r),
+        stat(T - 1, G, r, r),
+    )
+
+
+def fake_whiten_bwd(dy, z, mean, rscale, tau, A, P, X, divisor, precision="ieee"):
+    """Shape and dtype of a backend backward's output (fake/meta implementation)."""
+    return torch.empty(z.shape, dtype=z.dtype, device=z.device)
+
+
 class WhitenFn(torch.autograd.Function):
     """Autograd for :func:`whiten`: forward and hand-written backward of one backend."""
 
     @staticmethod
-    def forward(ctx, z, T, eps, divisor, backend):
+    def forward(ctx, z, T, eps, divisor, backend, precision="ieee"):
         fwd, _ = _backends.kernels(backend)
         with torch.autocast(z.device.type, enabled=False):  # statistics stay fp32/fp64
-            y, *stats = fwd(z, T, eps, divisor)
+            y, *stats = fwd(z, T, eps, divisor, precision)
         ctx.save_for_backward(z, *stats)
         ctx.divisor = divisor
         ctx.backend = backend
+        ctx.precision = precision
         return y
 
     @staticmethod
@@ -176,8 +202,8 @@ class WhitenFn(torch.autograd.Function):
         z, *stats = ctx.saved_tensors
         _, bwd = _backends.kernels(ctx.backend)
         with torch.autocast(z.device.type, enabled=False):
-            dz = bwd(dy, z, *stats, ctx.divisor)
-        return dz, None, None, None, None
+            dz = bwd(dy, z, *stats, ctx.divisor, ctx.precision)
+        return dz, None, None, None, None, None
 
 
 def whiten(
@@ -197,8 +223,13 @@ def whiten(
         T: number of Newton steps, >= 1.
         eps: ridge added to the covariance, >= 0.
         divisor: covariance divisor, > 0; default n − 1.
-        backend: "auto", "torch" or "cpu" (see ``available_backends()``).
-        precision: matrix-product precision; None or "ieee" (full accuracy).
+        backend: "auto", "torch", "cpu" or "triton" (see ``available_backends()``);
+            "auto" picks "cpu" (else "torch") for CPU tensors and "triton" for float32,
+            bfloat16 and float16 CUDA tensors.
+        precision: float32 matrix-product precision. None or "ieee": full accuracy (every
+            backend); "tf32x3" (about fp32 accuracy) or "tf32" (10-bit mantissa operands,
+            fastest): triton only. bf16/fp16 inputs use their own dtype for the products
+            with Z and float32 for the Newton iteration.
 
     Returns:
         y: (G, r, n) in z's dtype, y[g] = P_T(A_g)/√τ_g · (z[g] − row means).
@@ -223,8 +254,8 @@ def whiten(
     divisor = (
         float(n - 1) if divisor is None else check_real(fn, "divisor", divisor, minimum=0.0, strict=True)
     )
-    backend = _backends.resolve(fn, backend, z, precision)
-    return WhitenFn.apply(z, T, eps, divisor, backend)
+    backend, precision = _backends.resolve(fn, backend, z, precision)
+    return WhitenFn.apply(z, T, eps, divisor, backend, precision)
 
 
 def iter_norm(
@@ -247,8 +278,8 @@ def iter_norm(
         gather_distributed: under torch.distributed, all-gather the rows of every rank
             (same N on each), whiten the global batch and return this rank's rows; the
             backward sums gradients over ranks (see ``intl_kernels.distributed``).
-        backend: "auto", "torch" or "cpu".
-        precision: None or "ieee".
+        backend: "auto", "torch", "cpu" or "triton" (as in ``whiten``).
+        precision: None, "ieee", "tf32x3" or "tf32" (as in ``whiten``).
 
     Returns:
         y: same shape and dtype as x (this rank's rows of the whitened global batch).
@@ -269,9 +300,9 @@ def iter_norm(
         raise ValueError(f"iter_norm: x must have B >= 1, got shape {tuple(x.shape)}")
     T = check_int(fn, "T", T, 1)
     z = x if x.dim() == 3 else x.unsqueeze(0)
-    backend = _backends.resolve(fn, backend, z, precision)
+    backend, precision = _backends.resolve(fn, backend, z, precision)
     rows = slice(None)
     if gather_distributed:
         z, rows = gather_rows(z)
-    y = WhitenFn.apply(z, T, 0.0, float(D - 1), backend)[:, rows]
+    y = WhitenFn.apply(z, T, 0.0, float(D - 1), backend, precision)[:, rows]
     return y if x.dim() == 3 else y.squeeze(0)

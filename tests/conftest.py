@@ -8,7 +8,14 @@ import pytest
 import torch
 from hypothesis import settings
 
-import intl_kernels as ik
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors (small
+# shapes only). Triton reads this when the kernels are decorated, so it is set before
+# intl_kernels (which loads them lazily) is used.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import intl_kernels as ik  # noqa: E402
+from intl_kernels import _backends  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -21,6 +28,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 CPU_BACKENDS = [b for b in ik.available_backends() if b in ("torch", "cpu")]
+HAS_TRITON = "triton" in ik.available_backends()
+# Backends whose float32 results the shared correctness tests check (triton included).
+FP32_BACKENDS = CPU_BACKENDS + (["triton"] if HAS_TRITON else [])
+TRITON_DEVICE = "cpu" if _backends.triton_interpret() else "cuda"
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton backend unavailable here")
+
+
+def backend_device(backend: str) -> str:
+    """Device of the tensors a backend takes in this process."""
+    return TRITON_DEVICE if backend == "triton" else "cpu"
 
 
 def describe_error(actual: torch.Tensor, expected: torch.Tensor) -> str:
