@@ -7,7 +7,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*)
 STAMP := $(VENV)/.intl_kernels-installed
 
-.PHONY: install test test-cuda demo bench lint format clean
+.PHONY: install test test-cuda compile-check demo bench bench-gpu lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,11 +28,19 @@ test: install
 test-cuda: install
 	$(PY) -m pytest -m cuda tests
 
+# Every Triton kernel variant (all autotuning configs) compiled for sm_80 and sm_90; no GPU needed.
+compile-check: install
+	$(PY) -m intl_kernels.triton.compile_check
+
 demo: install
 	$(PY) -m intl_kernels.demo
 
 bench: install
 	$(PY) -m bench.run_cpu
+
+# On a GPU machine: triton vs the INTL authors' formulation (P1, P2, P4) into bench/results/.
+bench-gpu: install
+	$(PY) -m bench.run_gpu
 
 lint: install
 	$(VENV)/bin/ruff check .

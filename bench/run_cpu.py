@@ -63,6 +63,16 @@ def triton_version() -> str:
         return ""
 
 
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    """Long-format CSV with CSV_COLUMNS; creates the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 def device_label() -> str:
     """Hostname-free label of what ran: CPU and thread count, e.g. ``cpu-2threads``."""
     return f"cpu-{torch.get_num_threads()}threads"
@@ -211,12 +221,7 @@ def main(argv: list[str] | None = None) -> str:
     print(caption)
     print(table)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{label}-{start:%Y%m%d}.csv"
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    path = write_csv(args.out / f"{label}-{start:%Y%m%d}.csv", rows)
     md = path.with_suffix(".md")
     md.write_text(f"{caption}\n\n{table}\n")
     print(f"\nwrote {path} and {md.name}")

@@ -70,3 +70,23 @@ def assert_tolerance_rule(fast, ref_lowp, ref64, atol: float, what: str) -> None
 # random examples on developer machines (where they keep finding new corners).
 settings.register_profile("ci", derandomize=True, print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI") else "default")
+
+
+def check_compiled_intl_loss(backend: str, device: str, compile_backend: str | None) -> None:
+    """torch.compile(fullgraph=True) of intl_loss on ``backend``: loss and gradient as eager."""
+    torch._dynamo.reset()
+
+    def step(x1, x2):
+        return ik.intl_loss(x1, x2, trade_off=0.05, backend=backend)
+
+    kwargs = {} if compile_backend is None else {"backend": compile_backend}
+    compiled = torch.compile(step, fullgraph=True, **kwargs)
+    x1 = torch.randn(12, 20, device=device, requires_grad=True)
+    x2 = torch.randn(12, 20, device=device)
+    loss = compiled(x1, x2)
+    (g,) = torch.autograd.grad(loss, x1)
+    x1e = x1.detach().requires_grad_()
+    loss_e = step(x1e, x2)
+    (ge,) = torch.autograd.grad(loss_e, x1e)
+    torch.testing.assert_close(loss, loss_e)
+    torch.testing.assert_close(g, ge)

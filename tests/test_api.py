@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS, FP32_BACKENDS, backend_device
+from conftest import CPU_BACKENDS, FP32_BACKENDS, backend_device, check_compiled_intl_loss
 
 import intl_kernels as ik
 from intl_kernels import _backends
@@ -162,22 +162,7 @@ def test_opcheck():
 
 @pytest.mark.parametrize("backend", FP32_BACKENDS)
 def test_torch_compile_fullgraph(backend):
-    torch._dynamo.reset()
-
-    def step(x1, x2):
-        return ik.intl_loss(x1, x2, trade_off=0.05, backend=backend)
-
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    dev = backend_device(backend)
-    x1 = torch.randn(12, 20, device=dev, requires_grad=True)
-    x2 = torch.randn(12, 20, device=dev)
-    loss = compiled(x1, x2)
-    (g,) = torch.autograd.grad(loss, x1)
-    x1e = x1.detach().requires_grad_()
-    loss_e = step(x1e, x2)
-    (ge,) = torch.autograd.grad(loss_e, x1e)
-    torch.testing.assert_close(loss, loss_e)
-    torch.testing.assert_close(g, ge)
+    check_compiled_intl_loss(backend, backend_device(backend), "aot_eager")
 
 
 # --- losses -------------------------------------------------------------------------

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
+import pytest
 import torch
 
+import intl_kernels as ik
 from bench.providers import MODES, make_iter_norm, providers
 from bench.run_cpu import CSV_COLUMNS, device_label, main
 
@@ -37,3 +40,31 @@ def test_providers_compute_the_same_thing():
         for name, out in results.items():
             # float32 on both sides with different product orders: agreement to ~1e-4, not bits.
             torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-4, msg=f"{name} {mode}")
+
+
+@pytest.mark.skipif("triton" not in ik.available_backends(), reason="triton backend unavailable here")
+def test_run_gpu_harness_smoke_on_cpu(tmp_path, capsys):
+    """The GPU harness's code paths (providers, CSV, table, goals JSON) on tiny CPU inputs
+    under the interpreter; its numbers mean nothing here."""
+    from bench import run_gpu
+
+    argv = ["--quick", "--device", "cpu", "--out", str(tmp_path), "--workloads", "channel,newton"]
+    path = Path(run_gpu.main(argv + ["--providers", "official,triton"]))
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    got = sorted((r["op"], r["provider"], r["mode"], r["shape"]) for r in rows)
+    expected = [("channel", p, m, "32x64") for p in ("official", "triton") for m in MODES]
+    expected += [("newton", p, "fwd", r) for p in ("cublas", "triton") for r in ("16", "160")]
+    assert got == sorted(expected)
+    goals = json.loads(path.with_name(path.stem + "-goals.json").read_text())["goals"]
+    assert set(goals) == set(run_gpu.GOALS) and goals["P1-official"]["met"] is None  # no 256x8192 row
+    assert "| channel | 32x64 | full | triton |" in path.with_suffix(".md").read_text()
+    assert "P4-newton: ratio None (goal >= 1.6): not measured" in capsys.readouterr().out
+
+
+def test_official_formulation_matches_paper_reference():
+    from bench.run_gpu import official_iter_norm
+    from python_ref import iter_norm_ref
+
+    x = torch.randn(24, 40, dtype=torch.float64)
+    torch.testing.assert_close(official_iter_norm(x), iter_norm_ref(x), rtol=1e-10, atol=1e-12)

@@ -322,6 +322,17 @@ def _gmm(L, R, idx, r, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.cons
 
 
 @triton.jit
+def _group_square(g, r, BLOCK: tl.constexpr):
+    """Index vector, validity mask, identity, row-major offsets, r² and group offset of
+    group g's r × r matrix padded to BLOCK × BLOCK."""
+    idx = tl.arange(0, BLOCK)
+    valid = (idx[:, None] < r) & (idx[None, :] < r)
+    eye = tl.where(valid & (idx[:, None] == idx[None, :]), 1.0, 0.0)
+    rr = r * r
+    return idx, valid, eye, idx[:, None] * r + idx[None, :], rr, g.to(tl.int64) * rr
+
+
+@triton.jit
 def _whiten_newton_fwd_kernel(
     S, TAU, A, P, X, WS, r, n_groups, n_steps, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr
 ):
@@ -332,12 +343,7 @@ def _whiten_newton_fwd_kernel(
     needs; WS (G, r, r) holds Q = X_k A. Padding rows/columns stay 0.
     """
     g = tl.program_id(0)
-    idx = tl.arange(0, BLOCK)
-    valid = (idx[:, None] < r) & (idx[None, :] < r)
-    eye = tl.where(valid & (idx[:, None] == idx[None, :]), 1.0, 0.0)
-    offs = idx[:, None] * r + idx[None, :]
-    rr = r * r
-    gofs = g.to(tl.int64) * rr
+    idx, valid, eye, offs, rr, gofs = _group_square(g, r, BLOCK)
     s = tl.load(S + gofs + offs, mask=valid, other=0.0)
     tau = tl.sum(tl.sum(s * eye, axis=1), axis=0)
     tl.store(TAU + g, tau)
@@ -374,12 +380,7 @@ def _whiten_newton_bwd_kernel(
     Grid (G,).
     """
     g = tl.program_id(0)
-    idx = tl.arange(0, BLOCK)
-    valid = (idx[:, None] < r) & (idx[None, :] < r)
-    eye = tl.where(valid & (idx[:, None] == idx[None, :]), 1.0, 0.0)
-    offs = idx[:, None] * r + idx[None, :]
-    rr = r * r
-    gofs = g.to(tl.int64) * rr
+    idx, valid, eye, offs, rr, gofs = _group_square(g, r, BLOCK)
     ws_d = WS + gofs
     ws_e = WS + (g.to(tl.int64) + n_groups) * rr
     ws_h = WS + (g.to(tl.int64) + 2 * n_groups) * rr
