@@ -1,4 +1,4 @@
-"""The INTL objective (INTL Appendix C, Figure I(a)).
+"""The INTL objective (INTL Appendix C, Figure I): two views, or multi-crop with an optional EMA target.
 
 loss = norm_mse(t1, t2) + β·(trace_loss(t1) + trace_loss(t2)),   t_v = iter_norm(z_v)
 β = trade_off(batch size) = 0.01·(log2 bs − 3)
@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from intl_kernels._checks import check_float_tensor, check_ndim, check_pair_2d
+from intl_kernels._checks import check_float_tensor, check_int, check_ndim, check_pair_2d, check_real
+from intl_kernels.distributed import gather_rows
 from intl_kernels.whiten import iter_norm
 
 
@@ -64,25 +67,52 @@ def trade_off(batch_size: int) -> float:
 _trade_off_default = trade_off
 
 
+def _check_views(fn: str, target: object, views: object) -> list[torch.Tensor]:
+    if isinstance(views, torch.Tensor):
+        check_pair_2d(fn, ("z1", target), ("z2", views))
+        return [views]
+    if not isinstance(views, (list, tuple)) or len(views) == 0:
+        raise TypeError(
+            f"{fn}: the second argument must be a tensor (two-view form) or a non-empty list of "
+            f"tensors (multi-crop form), got {type(views).__name__}"
+            + ("" if not isinstance(views, (list, tuple)) else " of length 0")
+        )
+    for i, v in enumerate(views):
+        check_pair_2d(fn, ("target", target), (f"views[{i}]", v))
+    return list(views)
+
+
 def intl_loss(
     z1: torch.Tensor,
-    z2: torch.Tensor,
+    z2: torch.Tensor | Sequence[torch.Tensor],
     T: int = 4,
     trade_off: float | None = None,
     gather_distributed: bool = True,
     *,
+    ema_target: bool | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """INTL loss of two views: whiten both, then norm_mse + β·(trace losses).
+    """INTL loss (INTL Appendix C, Figure I): whiten the embeddings, then norm_mse + β·trace loss.
+
+    Two-view form ``intl_loss(z1, z2)``: norm_mse(t1, t2) + β·(trace_loss(t1) + trace_loss(t2)).
+    Multi-crop form ``intl_loss(target, [v_1, ..., v_V])``, as the authors' code: each view
+    is matched to the target, ``Σ_i [norm_mse(t_i, t_target) + β·(trace_loss(t_i) +
+    trace_loss(t_target))] / V``; with an EMA target (no gradient) the target's trace loss
+    is left out. Embeddings of one call are whitened together in one batched call.
 
     Args:
-        z1: (N, D) embeddings of view 1.
-        z2: (N, D) embeddings of view 2 (same shape); both are whitened in one call.
+        z1: (N, D) embeddings of view 1, or the target (view 0 or the EMA encoder's output).
+        z2: (N, D) embeddings of view 2, or a list of V (N, D) online views.
         T: Newton steps (INTL: 4).
-        trade_off: β; default ``trade_off(N)``.
-        gather_distributed: whiten the global batch under torch.distributed. Only
-            single-process training is supported in this version: with an initialised
-            process group of more than one rank, True raises NotImplementedError.
+        trade_off: β; default ``trade_off(global batch size)`` = 0.01·(log2 bs − 3).
+        gather_distributed: under torch.distributed (more than one rank), all-gather the
+            rows of every rank first and compute the loss of the global batch on every rank,
+            as the INTL authors do; the gather's backward sums the gradient over ranks, so
+            after DistributedDataParallel averages parameter gradients they equal
+            single-process training on the global batch. Each rank must pass the same N.
+        ema_target: the target is an EMA encoder's output (no trace loss for it). Default:
+            True in the multi-crop form when, with grad mode on, a view needs a gradient and
+            the target does not; False otherwise (always False in the two-view form).
         backend: whitening backend, as in ``iter_norm``.
 
     Returns:
@@ -93,14 +123,82 @@ def intl_loss(
         >>> loss = ik.intl_loss(torch.randn(64, 128), torch.randn(64, 128))
         >>> loss.shape
         torch.Size([])
+        >>> target, views = torch.randn(64, 128), [torch.randn(64, 128, requires_grad=True) for _ in range(5)]
+        >>> ik.intl_loss(target, views).shape  # EMA target: only the views get the trace loss
+        torch.Size([])
     """
-    check_pair_2d("intl_loss", ("z1", z1), ("z2", z2))
-    if gather_distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
-        if torch.distributed.get_world_size() > 1:
-            raise NotImplementedError(
-                "intl_loss: gathering embeddings across ranks is not supported in this version; "
-                "pass gather_distributed=False to whiten each rank's batch on its own"
-            )
-    beta = _trade_off_default(z1.shape[0]) if trade_off is None else float(trade_off)
-    t = iter_norm(torch.stack((z1, z2)), T, backend=backend)
-    return norm_mse(t[0], t[1]) + beta * trace_loss(t)
+    fn = "intl_loss"
+    views = _check_views(fn, z1, z2)
+    target = z1
+    if ema_target is None:
+        multi = not isinstance(z2, torch.Tensor)
+        wants_grad = torch.is_grad_enabled() and any(v.requires_grad for v in views)
+        ema_target = multi and wants_grad and not target.requires_grad
+    online = torch.stack(views) if ema_target else torch.stack([target, *views])
+    if gather_distributed:
+        online, _ = gather_rows(online)
+    n_global = online.shape[-2]
+    beta = _trade_off_default(n_global) if trade_off is None else float(trade_off)
+    t = iter_norm(online, T, backend=backend)
+    if ema_target:
+        with torch.no_grad():
+            tgt = target.detach()
+            if gather_distributed:
+                tgt, _ = gather_rows(tgt)
+            t_target = iter_norm(tgt, T, backend=backend)
+        t_views = t
+    else:
+        t_target, t_views = t[0], t[1:]
+    cos = (F.normalize(t_views, dim=-1) * F.normalize(t_target, dim=-1)).sum(dim=-1)  # (V, N)
+    loss = (2 - 2 * cos.mean(dim=-1)).sum() + beta * trace_loss(t_views)
+    if not ema_target:
+        loss = loss + beta * len(views) * trace_loss(t_target)
+    return loss / len(views)
+
+
+class INTLLoss(nn.Module):
+    """Module form of :func:`intl_loss`: ``forward(z1, z2)`` or ``forward(target, views)``.
+
+    Args:
+        T: Newton steps (INTL: 4).
+        trade_off: β; default from the global batch size.
+        gather_distributed: whiten and score the global batch under torch.distributed.
+        ema_target: the target comes from an EMA encoder (default: inferred, see intl_loss).
+        backend: whitening backend.
+    """
+
+    def __init__(
+        self,
+        T: int = 4,
+        trade_off: float | None = None,
+        gather_distributed: bool = True,
+        ema_target: bool | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.T = check_int("INTLLoss", "T", T, 1)
+        self.trade_off = (
+            None
+            if trade_off is None
+            else check_real("INTLLoss", "trade_off", trade_off, minimum=0.0, strict=False)
+        )
+        self.gather_distributed = bool(gather_distributed)
+        self.ema_target = ema_target
+        self.backend = backend
+
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        return intl_loss(
+            z1,
+            z2,
+            self.T,
+            self.trade_off,
+            self.gather_distributed,
+            ema_target=self.ema_target,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"T={self.T}, trade_off={self.trade_off}, gather_distributed={self.gather_distributed}, "
+            f"ema_target={self.ema_target}, backend={self.backend!r}"
+        )

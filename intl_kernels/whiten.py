@@ -159,7 +159,7 @@ def _whiten_bwd_torch(dy, z, mean, rscale, tau, A, P, X, divisor: float, precisi
 
 def fake_whiten_fwd(z, T, eps, divisor, precision="ieee"):
     """Shapes and dtypes of a backend forward's outputs (fake/meta implementation)."""
-    G, r, _ = z.shape
+    G, r = z.shape[:2]
     cdt = stats_dtype(z.dtype)
 
     def stat(*shape):

@@ -8,11 +8,12 @@ return the input dtype.
 
 from python_ref.iter_norm import iter_norm_ref, whiten_ref
 from python_ref.iter_norm_layer import IterNormRef
-from python_ref.losses import intl_loss_ref, norm_mse_ref, trace_loss_ref
+from python_ref.losses import intl_loss_ref, intl_multicrop_loss_ref, norm_mse_ref, trace_loss_ref
 
 __all__ = [
     "IterNormRef",
     "intl_loss_ref",
+    "intl_multicrop_loss_ref",
     "iter_norm_ref",
     "norm_mse_ref",
     "trace_loss_ref",

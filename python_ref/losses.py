@@ -78,3 +78,44 @@ def intl_loss_ref(
         trade_off = (math.log2(x1.size(0)) - 3) * 0.01
     loss = norm_mse_ref(t1, t2) + trade_off * (trace_loss_ref(t1) + trace_loss_ref(t2))
     return loss.to(z1.dtype)
+
+
+def intl_multicrop_loss_ref(
+    target: torch.Tensor,
+    views: list[torch.Tensor],
+    T: int = 4,
+    trade_off: float | None = None,
+    *,
+    ema: bool = False,
+    upcast: bool = False,
+) -> torch.Tensor:
+    """INTL multi-crop loss, as the authors' training code writes it.
+
+    Without EMA (INTL code, ``INTL.forward``): the target is crop 0 of the online network
+    and ``loss = Σ_i norm_mse(t_i, t_0) + β·(INTL(t_i) + INTL(t_0))``; with an EMA target
+    (INTL Appendix C, Figure I(b)): ``loss = Σ_i norm_mse(t_k, t_i) + β·INTL(t_i)``; then
+    ``loss /= len(views)``. Each crop is whitened on its own.
+
+    Args:
+        target: (N, D), crop 0 or the momentum encoder's embedding of it.
+        views: list of (N, D) online embeddings of the other crops.
+        T: Newton steps.
+        trade_off: β; default 0.01·(log2(N) − 3).
+        ema: the target comes from the momentum encoder (no trace loss for it).
+        upcast: compute in float64 and return target.dtype.
+
+    Returns:
+        scalar, dtype of target.
+    """
+    cast = (lambda t: t.to(torch.float64)) if upcast else (lambda t: t)
+    tk = iter_norm_ref(cast(target), T)
+    tq = [iter_norm_ref(cast(v), T) for v in views]
+    if trade_off is None:
+        trade_off = (math.log2(target.size(0)) - 3) * 0.01
+    loss = 0
+    for t in tq:
+        loss = loss + norm_mse_ref(tk, t) + trade_off * trace_loss_ref(t)
+        if not ema:
+            loss = loss + trade_off * trace_loss_ref(tk)
+    loss = loss / len(tq)
+    return loss.to(target.dtype)

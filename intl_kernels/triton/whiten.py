@@ -312,31 +312,58 @@ def _check(fn: str, z: torch.Tensor) -> None:
         )
 
 
-def _whiten_fwd(z: torch.Tensor, T: int, eps: float, divisor: float, precision: str | None = None):
-    """Forward of whiten on the triton backend. z: (G, r, n), or (G, r, n1, n2) read as n = n1·n2
-    columns (an NCHW tensor's batch and spatial axes). Returns (y, mean, rscale, tau, A, P, X),
-    y with z's shape, contiguous."""
+def _merge_columns(*views: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(G, r, n1, n2) views → (G, r, 1, n1·n2) when every one of them allows a single
+    column stride (so the kernels skip the two-level column addressing)."""
+
+    def single(t):
+        return t.shape[3] == 1 or t.shape[2] == 1 or t.stride(2) == t.shape[3] * t.stride(3)
+
+    if not all(single(t) for t in views):
+        return views
+    out = []
+    for t in views:
+        G, r, n1, n2 = t.shape
+        s = t.stride(2) if n2 == 1 else t.stride(3)
+        out.append(t.as_strided((G, r, 1, n1 * n2), (t.stride(0), t.stride(1), n1 * n2 * s, s)))
+    return tuple(out)
+
+
+def _whiten_fwd(
+    z: torch.Tensor,
+    T: int,
+    eps: float,
+    divisor: float,
+    precision: str | None = None,
+    out: torch.Tensor | None = None,
+):
+    """Forward of whiten on the triton backend. Returns (y, mean, rscale, tau, A, P, X).
+
+    z: (G, r, n), or (G, r, n1, n2) read as n = n1·n2 columns (an NCHW tensor's batch and
+    spatial axes); any strides. y has z's shape: ``out`` when given (any strides, e.g. a
+    view of the layer's output in its input's layout), else a new contiguous tensor.
+    """
     _check("whiten", z)
-    z4 = _as4d(z)
+    y = torch.empty(z.shape, dtype=z.dtype, device=z.device) if out is None else out
+    z4, y4 = _merge_columns(_as4d(z), _as4d(y))
     prec = _prec(precision)
     sqrt_eps = math.sqrt(eps)
     rowstats = _whiten_rowstats(z4, sqrt_eps)
     S, trp, mean, rscale = _whiten_gram(z4, divisor=divisor, sqrt_eps=sqrt_eps, prec=prec, rowstats=rowstats)
     tau, A, P, X = _whiten_newton_fwd(S, trp, T, prec)
-    y = torch.empty(z.shape, dtype=z.dtype, device=z.device)
-    _whiten_apply(P[T - 1], z4, mean, rscale, tau, _as4d(y), prec=prec)
+    _whiten_apply(P[T - 1], z4, mean, rscale, tau, y4, prec=prec)
     return y, mean, rscale, tau, A, P, X
 
 
-def _whiten_bwd(dy, z, mean, rscale, tau, A, P, X, divisor: float, precision: str | None = None):
-    """Backward of :func:`_whiten_fwd`: dz with z's shape and dtype, contiguous."""
-    z4, dy4 = _as4d(z), _as4d(dy)
+def _whiten_bwd(dy, z, mean, rscale, tau, A, P, X, divisor: float, precision: str | None = None, out=None):
+    """Backward of :func:`_whiten_fwd`: dz with z's shape and dtype (``out`` when given)."""
+    dz = torch.empty(z.shape, dtype=z.dtype, device=z.device) if out is None else out
+    z4, dy4, dz4 = _merge_columns(_as4d(z), _as4d(dy), _as4d(dz))
     prec = _prec(precision)
     n = z4.shape[2] * z4.shape[3]
     GM, dysum = _whiten_gram(z4, divisor=1.0, sqrt_eps=0.0, prec=prec, mean=mean, rscale=rscale, dy4=dy4)
     M, dymean = _whiten_newton_bwd(GM, dysum, tau, A, P, X, n, divisor, prec)
-    dz = torch.empty(z.shape, dtype=z.dtype, device=z.device)
-    _whiten_apply(P[-1], z4, mean, rscale, tau, _as4d(dz), prec=prec, L2=M, dy4=dy4, dymean=dymean)
+    _whiten_apply(P[-1], z4, mean, rscale, tau, dz4, prec=prec, L2=M, dy4=dy4, dymean=dymean)
     return dz
 
 

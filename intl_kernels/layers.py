@@ -1,0 +1,326 @@
+"""Layers for any model: the IterNorm layer (Huang et al., CVPR 2019), ``convert_batchnorm``
+and ``ChannelWhitening`` (INTL's channel whitening as a module).
+
+The IterNorm layer whitens contiguous groups of c channels over the batch and spatial
+positions: for group g, Z_g = x[:, g·c:(g+1)·c] as a c × (N·H·W) matrix, divisor N·H·W,
+ridge eps, T Newton steps (DESIGN §2, mode batch/group). The groups are read as
+(G, c, N, H·W) views of the input's memory, NCHW or channels_last, and the output is
+written in the input's layout; the triton backend reads and writes those views directly,
+the torch and cpu backends take one reshaped copy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from intl_kernels import _backends
+from intl_kernels._checks import check_float_tensor, check_int, check_real
+from intl_kernels.whiten import iter_norm
+
+
+def _columns(t: torch.Tensor, G: int, c: int) -> torch.Tensor:
+    """(N, C, *spatial) → (G, c, N, L) with L = prod(spatial): a view for NCHW and channels_last."""
+    t3 = t.unsqueeze(-1) if t.dim() == 2 else t.flatten(2)
+    return t3.unflatten(1, (G, c)).permute(1, 2, 0, 3)
+
+
+def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
+    """New tensor shaped like x: channels_last when x is, else contiguous (both view-able by _columns)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.empty_like(x, memory_format=torch.channels_last)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _safe_rsqrt(tau: torch.Tensor) -> torch.Tensor:
+    pos = tau >= torch.finfo(tau.dtype).tiny
+    return torch.where(pos, torch.where(pos, tau, torch.ones_like(tau)).rsqrt(), torch.zeros_like(tau))
+
+
+class GroupWhitenFn(torch.autograd.Function):
+    """Whitening of channel groups of an (N, C, *spatial) tensor; also returns the batch
+    statistics in the input's scale for the running averages (not differentiable):
+    mean (G, c, 1) and whitening matrix W = P_T/√tr S (G, c, c), float32 (float64 for
+    float64 inputs)."""
+
+    @staticmethod
+    def forward(ctx, x, c, T, eps, backend, precision):
+        N, C = x.shape[:2]
+        G, L = C // c, math.prod(x.shape[2:])
+        n = N * L
+        z4 = _columns(x, G, c)
+        y = _empty_like_layout(x)
+        fwd, _ = _backends.kernels(backend)
+        with torch.autocast(x.device.type, enabled=False):
+            if backend == "triton" and not torch.compiler.is_compiling():
+                from intl_kernels.triton.whiten import _whiten_fwd
+
+                _, *stats = _whiten_fwd(z4, T, eps, float(n), precision, out=_columns(y, G, c))
+            else:
+                y3, *stats = fwd(z4.reshape(G, c, n), T, eps, float(n), precision)
+                _columns(y, G, c).copy_(y3.view(G, c, N, L))
+            mean, rscale, tau, _, P, _ = stats
+            mu = mean / rscale + z4[:, :, 0, :1].to(mean.dtype)
+            wm = P[-1] * (rscale * _safe_rsqrt(tau))
+        ctx.save_for_backward(x, *stats)
+        ctx.meta = (c, n, backend, precision)
+        ctx.mark_non_differentiable(mu, wm)
+        return y, mu, wm
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, _dmu, _dwm):
+        x, *stats = ctx.saved_tensors
+        c, n, backend, precision = ctx.meta
+        N, C = x.shape[:2]
+        G = C // c
+        z4, dy4 = _columns(x, G, c), _columns(dy, G, c)
+        dx = _empty_like_layout(x)
+        _, bwd = _backends.kernels(backend)
+        with torch.autocast(x.device.type, enabled=False):
+            if backend == "triton" and not torch.compiler.is_compiling():
+                from intl_kernels.triton.whiten import _whiten_bwd
+
+                _whiten_bwd(dy4, z4, *stats, float(n), precision, out=_columns(dx, G, c))
+            else:
+                dz3 = bwd(dy4.reshape(G, c, n), z4.reshape(G, c, n), *stats, float(n), precision)
+                _columns(dx, G, c).copy_(dz3.view(G, c, N, -1))
+        return dx, None, None, None, None, None
+
+
+def group_sizes(num_features: int, num_groups: int | None, num_channels: int) -> tuple[int, int]:
+    """(num_groups, num_channels) as the IterNorm authors size them: c = ceil(C / num_groups)
+    when num_groups is given, then c is halved until it divides C."""
+    if num_groups is not None:
+        num_channels = (num_features - 1) // num_groups + 1
+    num_channels = min(num_channels, num_features)
+    while num_features % num_channels != 0:
+        num_channels //= 2
+    return num_features // num_channels, num_channels
+
+
+class IterNorm(nn.Module):
+    """IterNorm layer: whitening of channel groups by Newton's iteration, a drop-in for BatchNorm.
+
+    Training whitens each group of ``num_channels`` contiguous channels over the batch and
+    spatial positions (covariance divisor N·H·W, ridge eps, T Newton steps) and updates
+    ``running_mean`` and ``running_wm`` with ``running = momentum·batch + (1 − momentum)·running``;
+    eval applies ``running_wm @ (x − running_mean)``. Names, shapes and defaults follow the
+    IterNorm authors' module, so its state_dicts load.
+
+    Args:
+        num_features: C, channels of the input.
+        num_groups: if given, c = ceil(C / num_groups) before the halving below.
+        num_channels: c, channels per group (default 64); halved until it divides C.
+        T: Newton steps (IterNorm: 5).
+        dim: input rank: 2 for (N, C), 3 for (N, C, L), 4 for (N, C, H, W).
+        eps: ridge added to each group's covariance, >= 0.
+        momentum: weight of the batch statistics in the running averages, in [0, 1].
+        affine: learn per-channel ``weight`` and ``bias`` of shape [1, C, 1, ...] (length dim).
+        backend: whitening backend, as in ``intl_kernels.whiten``.
+
+    Shapes:
+        input: (N, C), (N, C, L) or (N, C, H, W) per ``dim``, any layout (NCHW and
+            channels_last are read in place); output: same shape, dtype and layout.
+        running_mean: (G, c, 1); running_wm: (G, c, c).
+
+    Example:
+        >>> import torch, intl_kernels as ik
+        >>> layer = ik.IterNorm(128, num_channels=64)
+        >>> layer(torch.randn(8, 128, 5, 5)).shape
+        torch.Size([8, 128, 5, 5])
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        num_groups: int | None = None,
+        num_channels: int = 64,
+        T: int = 5,
+        dim: int = 4,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        affine: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        fn = "IterNorm"
+        num_features = check_int(fn, "num_features", num_features, 1)
+        if num_groups is not None:
+            num_groups = check_int(fn, "num_groups", num_groups, 1)
+            if num_groups > num_features:
+                raise ValueError(
+                    f"{fn}: num_groups must be <= num_features ({num_features}), got {num_groups}"
+                )
+        num_channels = check_int(fn, "num_channels", num_channels, 1)
+        self.T = check_int(fn, "T", T, 1)
+        if dim not in (2, 3, 4) or isinstance(dim, bool):
+            raise ValueError(f"{fn}: dim must be 2, 3 or 4, got {dim!r}")
+        self.eps = check_real(fn, "eps", eps, minimum=0.0, strict=False)
+        self.momentum = check_real(fn, "momentum", momentum, minimum=0.0, strict=False)
+        if self.momentum > 1.0:
+            raise ValueError(f"{fn}: momentum must be in [0, 1], got {momentum}")
+        _backends._check_name(fn, backend, "backend")
+        self.num_features = num_features
+        self.affine = bool(affine)
+        self.dim = dim
+        self.backend = backend
+        self.num_groups, self.num_channels = group_sizes(num_features, num_groups, num_channels)
+        self._ndims = (dim,)
+        shape = [1] * dim
+        shape[1] = num_features
+        if self.affine:
+            self.weight = nn.Parameter(torch.ones(*shape))
+            self.bias = nn.Parameter(torch.zeros(*shape))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        G, c = self.num_groups, self.num_channels
+        self.register_buffer("running_mean", torch.zeros(G, c, 1))
+        self.register_buffer("running_wm", torch.eye(c).expand(G, c, c).clone())
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_wm.copy_(torch.eye(self.num_channels).expand_as(self.running_wm))
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        fn = "IterNorm"
+        check_float_tensor(fn, "input", x)
+        if x.dim() not in self._ndims:
+            layout = {2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)"}
+            want = " or ".join(f"{d}-D {layout[d]}" for d in self._ndims)
+            raise ValueError(f"{fn}: input must be {want} (dim={self.dim}), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.num_features:
+            raise ValueError(
+                f"{fn}: input has {x.shape[1]} channels but num_features is {self.num_features}, "
+                f"shape {tuple(x.shape)}"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        c = self.num_channels
+        if self.training:
+            n = x.shape[0] * math.prod(x.shape[2:])
+            if n < 2:
+                raise ValueError(
+                    f"IterNorm: expected more than 1 value per channel when training "
+                    f"(N·H·W = {n}), got input of shape {tuple(x.shape)}"
+                )
+            backend, precision = _backends.resolve("IterNorm", self.backend, x, None)
+            y, mu, wm = GroupWhitenFn.apply(x, c, self.T, self.eps, backend, precision)
+            with torch.no_grad():
+                self.running_mean.lerp_(mu.to(self.running_mean.dtype), self.momentum)
+                self.running_wm.lerp_(wm.to(self.running_wm.dtype), self.momentum)
+        else:
+            y = self._apply_running(x)
+        if self.affine:
+            shape = (1, self.num_features) + (1,) * (x.dim() - 2)
+            y = torch.addcmul(self.bias.to(y.dtype).view(shape), y, self.weight.to(y.dtype).view(shape))
+        return y
+
+    def _apply_running(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval: running_wm @ (x − running_mean) per group, in the running statistics' dtype."""
+        G, c = self.num_groups, self.num_channels
+        N = x.shape[0]
+        z4 = _columns(x, G, c)
+        y = _empty_like_layout(x)
+        with torch.autocast(x.device.type, enabled=False):
+            wm, rm = self.running_wm, self.running_mean
+            z3 = z4.reshape(G, c, -1).to(wm.dtype)
+            y3 = torch.baddbmm(torch.bmm(wm, rm).neg_(), wm, z3)
+            _columns(y, G, c).copy_(y3.view(G, c, N, -1))
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, num_groups={self.num_groups}, num_channels={self.num_channels}, "
+            f"T={self.T}, dim={self.dim}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"backend={self.backend!r}"
+        )
+
+
+def convert_batchnorm(module: nn.Module, num_channels: int = 64, T: int = 5, **kwargs) -> nn.Module:
+    """Replace every BatchNorm1d/BatchNorm2d in ``module`` by an IterNorm layer, in place.
+
+    The IterNorm layer takes the BatchNorm's num_features, eps and momentum (momentum None,
+    BatchNorm's cumulative average, becomes 0.1), keeps its affine parameters (weight and
+    bias copied) and its device and dtype; BatchNorm1d becomes a layer taking (N, C) or
+    (N, C, L). Running statistics are not carried over (they mean different things).
+
+    Args:
+        module: any model, e.g. a torchvision ResNet; a BatchNorm itself is replaced and returned.
+        num_channels: channels per whitening group (halved until it divides num_features).
+        T: Newton steps.
+        **kwargs: other IterNorm arguments (num_groups, backend).
+
+    Returns:
+        the module, with the replacements made.
+    """
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return _iternorm_from_bn(module, num_channels, T, kwargs)
+    for name, child in module.named_children():
+        setattr(module, name, convert_batchnorm(child, num_channels, T, **kwargs))
+    return module
+
+
+def _iternorm_from_bn(bn: nn.modules.batchnorm._BatchNorm, num_channels: int, T: int, kwargs) -> IterNorm:
+    two_d = isinstance(bn, nn.BatchNorm2d)
+    momentum = 0.1 if bn.momentum is None else bn.momentum
+    layer = IterNorm(
+        bn.num_features,
+        num_channels=num_channels,
+        T=T,
+        dim=4 if two_d else 2,
+        eps=bn.eps,
+        momentum=momentum,
+        affine=bn.affine,
+        **kwargs,
+    )
+    if not two_d:
+        layer._ndims = (2, 3)
+    ref = bn.weight if bn.affine else bn.running_mean
+    if ref is not None:
+        layer.to(device=ref.device, dtype=ref.dtype)
+    if bn.affine:
+        with torch.no_grad():
+            layer.weight.view(-1).copy_(bn.weight)
+            layer.bias.view(-1).copy_(bn.bias)
+    layer.train(bn.training)
+    return layer
+
+
+class ChannelWhitening(nn.Module):
+    """INTL channel whitening as a module: ``iter_norm`` of (N, D) or (B, N, D) embeddings.
+
+    Args:
+        T: Newton steps (INTL: 4).
+        gather_distributed: under torch.distributed, whiten the global batch (rows of every
+            rank, all-gathered with an autograd-aware gather) and return this rank's rows,
+            as the INTL authors do; a no-op in a single process.
+        backend: whitening backend, as in ``intl_kernels.whiten``.
+
+    Shapes:
+        input (N, D) or (B, N, D); output the same.
+    """
+
+    def __init__(self, T: int = 4, gather_distributed: bool = True, backend: str = "auto") -> None:
+        super().__init__()
+        self.T = check_int("ChannelWhitening", "T", T, 1)
+        _backends._check_name("ChannelWhitening", backend, "backend")
+        self.gather_distributed = bool(gather_distributed)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return iter_norm(x, self.T, gather_distributed=self.gather_distributed, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"T={self.T}, gather_distributed={self.gather_distributed}, backend={self.backend!r}"
