@@ -7,6 +7,9 @@
 //   P_2 = (36I − 39A + A²(27I − 9A + A²))/16                  (2 GEMMs: P_1 is a polynomial)
 //   X = P_k P_k,  Q = X A,  P_{k+1} = 1.5 P_k − 0.5 P_k Q      (k = 2..T−1)
 //   Y = P_T/√τ · Zc
+// z is (G, r, n) or an (G, r, n1, n2) view with n = n1·n2 columns (an NCHW tensor's channel
+// groups), read through its strides; y and dz are at::empty_like(z): z's layout when z
+// is dense (so the layer's output is already NCHW or channels_last), else contiguous.
 // Backward, with D = sym(P̄_{k+1}), E = P_k D:
 //   P̄_k = 1.5 D − 0.5 (XD + (XD)ᵀ + E P_k) A,   Ā += −0.5 X E          5 GEMMs a step
 // Products whose result is symmetric (S, X, Q, P_k Q, P_k D P_k) compute only the lower
@@ -46,7 +49,10 @@ std::pair<int64_t, int64_t> exponent_range() {
 at::Tensor pow2_rscale(const at::Tensor& z, double eps, at::ScalarType cdt) {
   auto range = cdt == at::kDouble ? exponent_range<double>() : exponent_range<float>();
   // max|z| as max(max z, −min z): two vectorised reductions, no |z| temporary.
-  auto amax = at::maximum(z.amax({1, 2}, /*keepdim=*/true), z.amin({1, 2}, /*keepdim=*/true).neg()).to(cdt);
+  const int64_t G = z.size(0);
+  std::vector<int64_t> dims;  // every axis but the group axis, read through z's strides
+  for (int64_t d = 1; d < z.dim(); ++d) dims.push_back(d);
+  auto amax = at::maximum(z.amax(dims), z.amin(dims).neg()).to(cdt).view({G, 1, 1});
   if (eps > 0.0) amax.clamp_min_(std::sqrt(eps));
   auto e = std::get<1>(at::frexp(amax)).clamp(range.first, range.second);
   return at::ldexp(at::ones_like(amax), e.neg());
@@ -66,14 +72,31 @@ double row_sum(const T* x, int64_t n) {
 
 constexpr int64_t kRowGrain = 32768;  // elements per parallel chunk
 
-// zc[g, i, :] = (z[g, i, :] − z[g, i, 0])·rscale[g] − mean[g, i]. With kComputeMean the
-// mean is computed and stored, else the stored one is used, so the backward reproduces
-// the forward's Zc bit for bit.
+// A (G, r, n) or (G, r, n1, n2) input as (G, r, n1, n2): column j = b·n2 + l of row (g, i)
+// is z[g, i, b, l] (n1 = 1 for 3-D inputs). An (N, C, H, W) tensor's channel groups read
+// in place are such a 4-D view.
+at::Tensor as4d(const at::Tensor& z) { return z.dim() == 3 ? z.unsqueeze(2) : z; }
+
+// Calls f(j, offset) for the columns j = 0..n−1 of a row of a 4-D view, offset in elements.
+template <typename F>
+inline void for_columns(int64_t n1, int64_t n2, int64_t s1, int64_t s2, F&& f) {
+  for (int64_t b = 0, j = 0; b < n1; ++b)
+    for (int64_t l = 0; l < n2; ++l, ++j) f(j, b * s1 + l * s2);
+}
+
+// zc[g, i, :] = (z[g, i, :] − z[g, i, 0])·rscale[g] − mean[g, i], written contiguous
+// (G, r, n), read through z's strides. With kComputeMean the mean is computed and stored,
+// else the stored one is used, so the backward reproduces the forward's Zc bit for bit.
+// `zc` (optional) is a (G, r, n) buffer with unit column stride to write into.
 template <bool kComputeMean>
-at::Tensor centred_rows(const at::Tensor& z, const at::Tensor& rscale, at::Tensor& mean) {
-  const int64_t G = z.size(0), r = z.size(1), n = z.size(2);
-  const int64_t sg = z.stride(0), sr = z.stride(1), sn = z.stride(2);
-  auto zc = at::empty({G, r, n}, z.options().dtype(rscale.scalar_type()));
+at::Tensor centred_rows(const at::Tensor& z_in, const at::Tensor& rscale, at::Tensor& mean,
+                        at::Tensor zc = at::Tensor()) {
+  const auto z = as4d(z_in);
+  const int64_t G = z.size(0), r = z.size(1), n1 = z.size(2), n2 = z.size(3), n = n1 * n2;
+  const int64_t sg = z.stride(0), sr = z.stride(1), s1 = z.stride(2), s2 = z.stride(3);
+  if (!zc.defined()) zc = at::empty({G, r, n}, z.options().dtype(rscale.scalar_type()));
+  TORCH_INTERNAL_ASSERT(zc.stride(2) == 1 && zc.stride(1) == n);
+  const int64_t zc_sg = zc.stride(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "centred_rows", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
@@ -84,25 +107,27 @@ at::Tensor centred_rows(const at::Tensor& z, const at::Tensor& rscale, at::Tenso
       for (int64_t row = begin; row < end; ++row) {
         const int64_t g = row / r, i = row % r;
         const scalar_t* src = zp + g * sg + i * sr;
-        acc_t* dst = out + row * n;
+        acc_t* dst = out + g * zc_sg + i * n;
         const acc_t s = sp[g];
         const acc_t z0 = static_cast<acc_t>(src[0]);
-        if (kComputeMean) {
-          if (sn == 1) {
-            for (int64_t j = 0; j < n; ++j) dst[j] = (static_cast<acc_t>(src[j]) - z0) * s;
-          } else {
-            for (int64_t j = 0; j < n; ++j) dst[j] = (static_cast<acc_t>(src[j * sn]) - z0) * s;
+        const acc_t m0 = kComputeMean ? acc_t(0) : mp[row];
+        if (s2 == 1 && (n1 == 1 || s1 == n2)) {  // one contiguous run: vectorisable
+          for (int64_t j = 0; j < n; ++j) dst[j] = (static_cast<acc_t>(src[j]) - z0) * s - m0;
+        } else if (s2 == 1) {  // NCHW groups: n1 contiguous runs of n2
+          for (int64_t b = 0; b < n1; ++b) {
+            const scalar_t* run = src + b * s1;
+            acc_t* d = dst + b * n2;
+            for (int64_t l = 0; l < n2; ++l) d[l] = (static_cast<acc_t>(run[l]) - z0) * s - m0;
           }
+        } else {
+          for_columns(n1, n2, s1, s2, [&](int64_t j, int64_t off) {
+            dst[j] = (static_cast<acc_t>(src[off]) - z0) * s - m0;
+          });
+        }
+        if (kComputeMean) {
           mp[row] = static_cast<acc_t>(row_sum(dst, n) / static_cast<double>(n));
           const acc_t m = mp[row];
           for (int64_t j = 0; j < n; ++j) dst[j] -= m;
-        } else {
-          const acc_t m = mp[row];
-          if (sn == 1) {
-            for (int64_t j = 0; j < n; ++j) dst[j] = (static_cast<acc_t>(src[j]) - z0) * s - m;
-          } else {
-            for (int64_t j = 0; j < n; ++j) dst[j] = (static_cast<acc_t>(src[j * sn]) - z0) * s - m;
-          }
         }
       }
     });
@@ -110,27 +135,69 @@ at::Tensor centred_rows(const at::Tensor& z, const at::Tensor& rscale, at::Tenso
   return zc;
 }
 
-// dz[g, i, :] = (dzc[g, i, :] − mean_j dzc[g, i, j])·rscale[g], cast to `dtype`.
-// Written in place over dzc when the dtypes agree (one 4-byte pass less to allocate).
-at::Tensor centred_grad(const at::Tensor& dzc, const at::Tensor& rscale, at::ScalarType dtype) {
+// dz[g, i, :] = (dzc[g, i, :] − mean_j dzc[g, i, j])·rscale[g], cast to z's dtype and
+// written in z's layout (at::empty_like(z): the same strides when z is dense).
+at::Tensor centred_grad(const at::Tensor& dzc, const at::Tensor& rscale, const at::Tensor& z) {
   const int64_t G = dzc.size(0), r = dzc.size(1), n = dzc.size(2);
-  auto dz = dtype == dzc.scalar_type() ? dzc : at::empty({G, r, n}, dzc.options().dtype(dtype));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "centred_grad", [&] {
+  auto dz = at::empty_like(z);
+  const auto d4 = as4d(dz);
+  const int64_t n1 = d4.size(2), n2 = d4.size(3);
+  const int64_t sg = d4.stride(0), sr = d4.stride(1), s1 = d4.stride(2), s2 = d4.stride(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "centred_grad", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* src_all = dzc.const_data_ptr<acc_t>();
     const acc_t* sp = rscale.const_data_ptr<acc_t>();
     scalar_t* out = dz.data_ptr<scalar_t>();
     at::parallel_for(0, G * r, std::max<int64_t>(1, kRowGrain / n), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
+        const int64_t g = row / r, i = row % r;
         const acc_t* src = src_all + row * n;
-        scalar_t* dst = out + row * n;
+        scalar_t* dst = out + g * sg + i * sr;
         const acc_t m = static_cast<acc_t>(row_sum(src, n) / static_cast<double>(n));
-        const acc_t s = sp[row / r];
-        for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<scalar_t>((src[j] - m) * s);
+        const acc_t s = sp[g];
+        if (s2 == 1 && (n1 == 1 || s1 == n2)) {
+          for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<scalar_t>((src[j] - m) * s);
+        } else if (s2 == 1) {  // NCHW groups: n1 contiguous runs of n2
+          for (int64_t b = 0; b < n1; ++b) {
+            const acc_t* in = src + b * n2;
+            scalar_t* run = dst + b * s1;
+            for (int64_t l = 0; l < n2; ++l) run[l] = static_cast<scalar_t>((in[l] - m) * s);
+          }
+        } else {
+          for_columns(n1, n2, s1, s2, [&](int64_t j, int64_t off) {
+            dst[off] = static_cast<scalar_t>((src[j] - m) * s);
+          });
+        }
       }
     });
   });
   return dz;
+}
+
+// y = W zc for W: (G, r, r), zc: (G, r, n), written in z's layout (at::empty_like(z)).
+// Contiguous outputs of the statistics dtype take one bmm; NCHW channel groups (runs of
+// n2 >= 256 columns) one GEMM per sample straight into place; anything else a product and
+// one converting copy.
+at::Tensor apply_into_layout(const at::Tensor& W, const at::Tensor& zc, const at::Tensor& z) {
+  auto y = at::empty_like(z);
+  const int64_t G = zc.size(0), r = zc.size(1), n = zc.size(2);
+  auto y4 = as4d(y);
+  const int64_t n1 = y4.size(2), n2 = y4.size(3);
+  const bool same_dtype = y.scalar_type() == zc.scalar_type();
+  if (same_dtype && y.is_contiguous()) {
+    auto y3 = y.view({G, r, n});
+    at::bmm_out(y3, W, zc);
+  } else if (same_dtype && y4.stride(3) == 1 && n2 >= 256) {
+    auto zc4 = zc.view({G, r, n1, n2});
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t b = 0; b < n1; ++b) {
+        auto out = y4[g].select(1, b);
+        at::mm_out(out, W[g], zc4[g].select(1, b));
+      }
+  } else {
+    y4.copy_(at::bmm(W, zc).view({G, r, n1, n2}));
+  }
+  return y;
 }
 
 // out = a @ b for a: (G, r, k), b: (G, k, r) whose product is symmetric: computes the
@@ -206,13 +273,14 @@ std::pair<at::Tensor, at::Tensor> safe_tau(const at::Tensor& tau) {
 void check_z(const at::Tensor& z, const char* name) {
   TORCH_CHECK(z.device().is_cpu(), "intl_kernels::whiten (cpu): ", name, " must be a CPU tensor, got ",
               z.device());
-  TORCH_CHECK(z.dim() == 3, "intl_kernels::whiten (cpu): ", name, " must be 3-D (G, r, n), got ", z.dim(),
-              "-D");
+  TORCH_CHECK(z.dim() == 3 || z.dim() == 4, "intl_kernels::whiten (cpu): ", name,
+              " must be 3-D (G, r, n) or 4-D (G, r, n1, n2), got ", z.dim(), "-D");
   const auto t = z.scalar_type();
   TORCH_CHECK(t == at::kDouble || t == at::kFloat || t == at::kBFloat16 || t == at::kHalf,
               "intl_kernels::whiten (cpu): ", name, " must be float64, float32, bfloat16 or float16, got ", t);
-  TORCH_CHECK(z.size(0) >= 1 && z.size(1) >= 1 && z.size(2) >= 2, "intl_kernels::whiten (cpu): ", name,
-              " must have G >= 1, r >= 1 and n >= 2, got ", z.sizes());
+  const int64_t n = z.dim() == 3 ? z.size(2) : z.size(2) * z.size(3);
+  TORCH_CHECK(z.size(0) >= 1 && z.size(1) >= 1 && n >= 2, "intl_kernels::whiten (cpu): ", name,
+              " must have G >= 1, r >= 1 and n >= 2 columns, got ", z.sizes());
 }
 
 void check_stat(const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType cdt) {
@@ -263,7 +331,7 @@ std::vector<at::Tensor> whiten_fwd_cpu(const at::Tensor& z, int64_t T, double ep
     sym_bmm_out(Xk, Pk, Pk);
     sym_bmm_out(Pnext, Pk, sym_bmm(Xk, A)).mul_(-0.5).add_(Pk, 1.5);
   }
-  auto y = at::bmm(P[T - 1] * rsqrt_tau, zc).to(z.scalar_type());
+  auto y = apply_into_layout(P[T - 1] * rsqrt_tau, zc, z);
   return {y, mean, rscale, tau, A, P, X};
 }
 
@@ -285,14 +353,17 @@ at::Tensor whiten_bwd_cpu(const at::Tensor& dy, const at::Tensor& z, const at::T
   check_stat(P, "P", {T, G, r, r}, cdt);
   check_stat(X, "X", {T - 1, G, r, r}, cdt);
 
+  // buf = [dy; Zc] as (G, 2r, n): Z̄c = [Wᵀ | (S̄ + S̄ᵀ)/divisor] · buf is one product (K = 2r).
+  const int64_t n = z.dim() == 3 ? z.size(2) : z.size(2) * z.size(3);
+  auto buf = at::empty({G, 2 * r, n}, z.options().dtype(cdt));
+  auto dyf = buf.narrow(1, 0, r);
+  dyf.view({G, r, z.dim() == 3 ? 1 : z.size(2), z.dim() == 3 ? n : z.size(3)}).copy_(as4d(dy));
   auto mean_c = mean.contiguous();
-  auto zc = centred_rows</*kComputeMean=*/false>(z, rscale.contiguous(), mean_c);
-  auto dyf = dy.to(cdt);
+  auto zc = centred_rows</*kComputeMean=*/false>(z, rscale.contiguous(), mean_c, buf.narrow(1, r, r));
   auto [tau_safe, rsqrt_tau] = safe_tau(tau);
   auto W = P[T - 1] * rsqrt_tau;
 
   auto dW = at::bmm(dyf, zc.transpose(1, 2));
-  auto dzc = at::bmm(W.transpose(1, 2), dyf);
   auto dtau = (dW * W).sum({1, 2}, /*keepdim=*/true).mul_(-0.5).div_(tau_safe);
   auto dP = dW.mul_(rsqrt_tau);
   auto dA = at::zeros_like(A);
@@ -310,8 +381,8 @@ at::Tensor whiten_bwd_cpu(const at::Tensor& dy, const at::Tensor& z, const at::T
   dtau.sub_((dA * A).sum({1, 2}, /*keepdim=*/true).div_(tau_safe));
   auto dS = dA.div_(tau_safe);
   dS.diagonal(0, 1, 2).add_(dtau.view({G, 1}));
-  dzc.baddbmm_(sym_(dS), zc, /*beta=*/1.0, /*alpha=*/2.0 / divisor);  // (dS + dSᵀ) Zc / divisor
-  return centred_grad(dzc, rscale.contiguous(), z.scalar_type());
+  auto lhs = at::cat({W.transpose(1, 2), sym_(dS).mul_(2.0 / divisor)}, 2);  // [Wᵀ | (dS + dSᵀ)/divisor]
+  return centred_grad(at::bmm(lhs, buf), rscale.contiguous(), z);
 }
 
 }  // namespace intl_kernels

@@ -28,6 +28,11 @@ def _columns(t: torch.Tensor, G: int, c: int) -> torch.Tensor:
     return t3.unflatten(1, (G, c)).permute(1, 2, 0, 3)
 
 
+def _from_columns(t4: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Inverse of _columns: (G, c, N, L) → (N, C, *spatial); a view when t4 came from one."""
+    return t4.permute(2, 0, 1, 3).reshape(shape)
+
+
 def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
     """New tensor shaped like x: channels_last when x is, else contiguous (both view-able by _columns)."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
@@ -38,6 +43,11 @@ def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
 def _safe_rsqrt(tau: torch.Tensor) -> torch.Tensor:
     pos = tau >= torch.finfo(tau.dtype).tiny
     return torch.where(pos, torch.where(pos, tau, torch.ones_like(tau)).rsqrt(), torch.zeros_like(tau))
+
+
+# Backends whose fwd/bwd take the (G, c, N, L) group view itself and return results in its
+# layout (at::empty_like); the torch backend takes a reshaped (G, c, N·L) copy.
+_READS_GROUP_VIEWS = ("cpu", "triton")
 
 
 class GroupWhitenFn(torch.autograd.Function):
@@ -59,6 +69,9 @@ class GroupWhitenFn(torch.autograd.Function):
                 from intl_kernels.triton.whiten import _whiten_fwd
 
                 _, *stats = _whiten_fwd(z4, T, eps, float(n), precision, out=_columns(y, G, c))
+            elif backend in _READS_GROUP_VIEWS:  # strided reads; y in z4's (so x's) layout
+                y4, *stats = fwd(z4, T, eps, float(n), precision)
+                y = _from_columns(y4, x.shape)
             else:
                 y3, *stats = fwd(z4.reshape(G, c, n), T, eps, float(n), precision)
                 _columns(y, G, c).copy_(y3.view(G, c, N, L))
@@ -85,6 +98,8 @@ class GroupWhitenFn(torch.autograd.Function):
                 from intl_kernels.triton.whiten import _whiten_bwd
 
                 _whiten_bwd(dy4, z4, *stats, float(n), precision, out=_columns(dx, G, c))
+            elif backend in _READS_GROUP_VIEWS:
+                dx = _from_columns(bwd(dy4, z4, *stats, float(n), precision), x.shape)
             else:
                 dz3 = bwd(dy4.reshape(G, c, n), z4.reshape(G, c, n), *stats, float(n), precision)
                 _columns(dx, G, c).copy_(dz3.view(G, c, N, -1))

@@ -68,3 +68,16 @@ def test_official_formulation_matches_paper_reference():
 
     x = torch.randn(24, 40, dtype=torch.float64)
     torch.testing.assert_close(official_iter_norm(x), iter_norm_ref(x), rtol=1e-10, atol=1e-12)
+
+
+def test_run_layer_cpu_quick_writes_csv_and_goals(tmp_path):
+    from bench import run_layer_cpu
+
+    path = Path(run_layer_cpu.main(["--quick", "--out", str(tmp_path)]))
+    assert path.name.endswith("-layer.csv")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    names = run_layer_cpu.providers()
+    assert sorted((r["provider"], r["mode"]) for r in rows) == sorted((p, m) for p in names for m in MODES)
+    goals = json.loads(path.with_name(path.stem + "-goals.json").read_text())["goals"]
+    assert list(goals) == [f"C2-{names[1]}-4x16x6x6"] and goals[f"C2-{names[1]}-4x16x6x6"]["goal"] == 2.0

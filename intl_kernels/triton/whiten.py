@@ -341,10 +341,11 @@ def _whiten_fwd(
 
     z: (G, r, n), or (G, r, n1, n2) read as n = n1·n2 columns (an NCHW tensor's batch and
     spatial axes); any strides. y has z's shape: ``out`` when given (any strides, e.g. a
-    view of the layer's output in its input's layout), else a new contiguous tensor.
+    view of the layer's output in its input's layout), else ``torch.empty_like(z)`` (z's
+    layout when z is dense, else contiguous).
     """
     _check("whiten", z)
-    y = torch.empty(z.shape, dtype=z.dtype, device=z.device) if out is None else out
+    y = torch.empty_like(z) if out is None else out
     z4, y4 = _merge_columns(_as4d(z), _as4d(y))
     prec = _prec(precision)
     sqrt_eps = math.sqrt(eps)
@@ -357,7 +358,7 @@ def _whiten_fwd(
 
 def _whiten_bwd(dy, z, mean, rscale, tau, A, P, X, divisor: float, precision: str | None = None, out=None):
     """Backward of :func:`_whiten_fwd`: dz with z's shape and dtype (``out`` when given)."""
-    dz = torch.empty(z.shape, dtype=z.dtype, device=z.device) if out is None else out
+    dz = torch.empty_like(z) if out is None else out
     z4, dy4, dz4 = _merge_columns(_as4d(z), _as4d(dy), _as4d(dz))
     prec = _prec(precision)
     n = z4.shape[2] * z4.shape[3]
