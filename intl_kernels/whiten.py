@@ -165,7 +165,7 @@ def fake_whiten_fwd(z, T, eps, divisor, precision="ieee"):
     def stat(*shape):
         return z.new_empty(shape, dtype=cdt)
 
-    y = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+    y = torch.empty_like(z)  # z's layout when z is dense, else contiguous (as every backend does)
     return (
         y,
         stat(G, r, 1),
@@ -178,8 +178,8 @@ def fake_whiten_fwd(z, T, eps, divisor, precision="ieee"):
 
 
 def fake_whiten_bwd(dy, z, mean, rscale, tau, A, P, X, divisor, precision="ieee"):
-    """Shape and dtype of a backend backward's output (fake/meta implementation)."""
-    return torch.empty(z.shape, dtype=z.dtype, device=z.device)
+    """Shape, dtype and layout of a backend backward's output (fake/meta implementation)."""
+    return torch.empty_like(z)
 
 
 class WhitenFn(torch.autograd.Function):

@@ -147,6 +147,27 @@ def test_ops_registered_with_fake_impls():
 
 
 @needs_ext
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_opcheck_group_views(layout):
+    """(G, c, N, H·W) views of an (N, C, H, W) tensor: read in place, outputs in its layout
+    (the fake implementation promises the same strides as the real op returns)."""
+    x = torch.randn(3, 8, 4, 5)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    z4 = x.flatten(2).unflatten(1, (2, 4)).permute(1, 2, 0, 3)
+    torch.library.opcheck(
+        torch.ops.intl_kernels.whiten_fwd, (z4, 3, 1e-3, 60.0), test_utils=("test_schema", "test_faketensor")
+    )
+    y4, *stats = torch.ops.intl_kernels.whiten_fwd(z4, 3, 1e-3, 60.0)
+    assert y4.stride() == z4.stride()
+    torch.library.opcheck(
+        torch.ops.intl_kernels.whiten_bwd,
+        (torch.randn_like(z4), z4, *stats, 60.0),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+@needs_ext
 def test_opcheck():
     z = torch.randn(2, 5, 7)
     torch.library.opcheck(
