@@ -23,6 +23,7 @@ import argparse
 import csv
 import datetime as dt
 import importlib.metadata
+import json
 import platform
 import time
 from pathlib import Path
@@ -70,6 +71,16 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
+    return path
+
+
+def write_report(path: Path, rows: list[dict], markdown: str, goals: dict | None = None, meta=None) -> Path:
+    """The CSV at ``path``, the markdown beside it (.md) and, with goals, ``<stem>-goals.json``."""
+    write_csv(path, rows)
+    path.with_suffix(".md").write_text(markdown + "\n")
+    if goals is not None:
+        text = json.dumps({**(meta or {}), "goals": goals}, indent=2) + "\n"
+        path.with_name(path.stem + "-goals.json").write_text(text)
     return path
 
 
@@ -221,9 +232,8 @@ def main(argv: list[str] | None = None) -> str:
     print(caption)
     print(table)
 
-    path = write_csv(args.out / f"{label}-{start:%Y%m%d}.csv", rows)
+    path = write_report(args.out / f"{label}-{start:%Y%m%d}.csv", rows, f"{caption}\n\n{table}")
     md = path.with_suffix(".md")
-    md.write_text(f"{caption}\n\n{table}\n")
     print(f"\nwrote {path} and {md.name}")
     return str(path)
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import re
 import statistics
 import time
@@ -39,7 +38,7 @@ from pathlib import Path
 import torch
 
 import intl_kernels
-from bench.run_cpu import triton_version, write_csv
+from bench.run_cpu import triton_version, write_report
 from python_ref import iter_norm_ref
 
 T = 4
@@ -298,13 +297,9 @@ def main(argv: list[str] | None = None) -> str:
     for gname, g in goals.items():
         verdict = "not measured" if g["met"] is None else "met" if g["met"] else "NOT met"
         print(f"{gname}: ratio {g['ratio']} (goal >= {g['goal']}): {verdict}")
-    path = write_csv(args.out / f"{label}-{start:%Y%m%d}.csv", rows)
     header = f"{name}, torch {torch_v}, triton {triton_v}, {start:%Y-%m-%d}; float32, T = {T}"
-    path.with_suffix(".md").write_text(f"{header}\n\n{md}\n")
     meta = {"device": name, "torch": torch_v, "triton": triton_v, "date": start.isoformat(timespec="seconds")}
-    path.with_name(path.stem + "-goals.json").write_text(
-        json.dumps({**meta, "goals": goals}, indent=2) + "\n"
-    )
+    path = write_report(args.out / f"{label}-{start:%Y%m%d}.csv", rows, f"{header}\n\n{md}", goals, meta)
     print(f"wrote {path}, {path.with_suffix('.md').name} and {path.stem}-goals.json")
     return str(path)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 import intl_kernels
-from bench.run_cpu import RESULTS, cpu_model, device_label, measure, summarize, triton_version, write_csv
+from bench.run_cpu import RESULTS, cpu_model, device_label, measure, summarize, triton_version, write_report
 from python_ref import IterNormRef
 
 OP = "iternorm_layer"
@@ -120,11 +119,9 @@ def main(argv: list[str] | None = None) -> str:
     print(f"\n{caption}\n{table}\n")
     for name, g in goals.items():
         print(f"{name}: ratio {g['ratio']} (goal >= {g['goal']}): {'met' if g['met'] else 'NOT met'}")
-    path = write_csv(args.out / f"{label}-{start:%Y%m%d}-layer.csv", rows)
-    path.with_suffix(".md").write_text(f"{caption}\n\n{table}\n")
     meta = {"device": device, "torch": torch_v, "date": start.isoformat(timespec="seconds")}
-    path.with_name(path.stem + "-goals.json").write_text(
-        json.dumps({**meta, "goals": goals}, indent=2) + "\n"
+    path = write_report(
+        args.out / f"{label}-{start:%Y%m%d}-layer.csv", rows, f"{caption}\n\n{table}", goals, meta
     )
     print(f"wrote {path}")
     return str(path)
