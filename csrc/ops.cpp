@@ -18,6 +18,20 @@ Fwd whiten_fwd_cpu_op(const at::Tensor& z, int64_t T, double eps, double divisor
   return {o[0], o[1], o[2], o[3], o[4], o[5], o[6]};
 }
 
+Fwd whiten_affine_fwd_cpu_op(const at::Tensor& z, const at::Tensor& weight, const at::Tensor& bias, int64_t T,
+                             double eps, double divisor) {
+  auto o = whiten_affine_fwd_cpu(z, weight, bias, T, eps, divisor);
+  return {o[0], o[1], o[2], o[3], o[4], o[5], o[6]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> whiten_affine_bwd_cpu_op(
+    const at::Tensor& dy, const at::Tensor& z, const at::Tensor& weight, const at::Tensor& mean,
+    const at::Tensor& rscale, const at::Tensor& tau, const at::Tensor& A, const at::Tensor& P,
+    const at::Tensor& X, double divisor) {
+  auto o = whiten_affine_bwd_cpu(dy, z, weight, mean, rscale, tau, A, P, X, divisor);
+  return {o[0], o[1], o[2]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(intl_kernels, m) {
@@ -27,11 +41,19 @@ TORCH_LIBRARY(intl_kernels, m) {
   m.def(
       "whiten_bwd(Tensor dy, Tensor z, Tensor mean, Tensor rscale, Tensor tau, Tensor A, Tensor P, "
       "Tensor X, float divisor) -> Tensor");
+  m.def(
+      "whiten_affine_fwd(Tensor z, Tensor weight, Tensor bias, int T, float eps, float divisor) -> "
+      "(Tensor y, Tensor mean, Tensor rscale, Tensor tau, Tensor A, Tensor P, Tensor X)");
+  m.def(
+      "whiten_affine_bwd(Tensor dy, Tensor z, Tensor weight, Tensor mean, Tensor rscale, Tensor tau, "
+      "Tensor A, Tensor P, Tensor X, float divisor) -> (Tensor dz, Tensor dweight, Tensor dbias)");
 }
 
 TORCH_LIBRARY_IMPL(intl_kernels, CPU, m) {
   m.impl("whiten_fwd", &whiten_fwd_cpu_op);
   m.impl("whiten_bwd", &whiten_bwd_cpu);
+  m.impl("whiten_affine_fwd", &whiten_affine_fwd_cpu_op);
+  m.impl("whiten_affine_bwd", &whiten_affine_bwd_cpu_op);
 }
 
 }  // namespace intl_kernels

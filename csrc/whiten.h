@@ -14,4 +14,14 @@ at::Tensor whiten_bwd_cpu(const at::Tensor& dy, const at::Tensor& z, const at::T
                           const at::Tensor& rscale, const at::Tensor& tau, const at::Tensor& A,
                           const at::Tensor& P, const at::Tensor& X, double divisor);
 
+// The same with a per-row affine y ← weight·y + bias folded in (weight, bias: (G, r)); the
+// backward also returns dweight and dbias (the IterNorm layer's affine).
+std::vector<at::Tensor> whiten_affine_fwd_cpu(const at::Tensor& z, const at::Tensor& weight,
+                                              const at::Tensor& bias, int64_t T, double eps, double divisor);
+std::vector<at::Tensor> whiten_affine_bwd_cpu(const at::Tensor& dy, const at::Tensor& z,
+                                              const at::Tensor& weight, const at::Tensor& mean,
+                                              const at::Tensor& rscale, const at::Tensor& tau,
+                                              const at::Tensor& A, const at::Tensor& P, const at::Tensor& X,
+                                              double divisor);
+
 }  // namespace intl_kernels

@@ -174,28 +174,39 @@ at::Tensor centred_grad(const at::Tensor& dzc, const at::Tensor& rscale, const a
   return dz;
 }
 
-// y = W zc for W: (G, r, r), zc: (G, r, n), written in z's layout (at::empty_like(z)).
-// Contiguous outputs of the statistics dtype take one bmm; NCHW channel groups (runs of
-// n2 >= 256 columns) one GEMM per sample straight into place; anything else a product and
-// one converting copy.
-at::Tensor apply_into_layout(const at::Tensor& W, const at::Tensor& zc, const at::Tensor& z) {
+// y = W zc [+ bias] for W: (G, r, r), zc: (G, r, n), bias: (G, r) (optional, one value per
+// row), written in z's layout (at::empty_like(z)). Contiguous outputs of the statistics
+// dtype take one (b)addbmm; NCHW channel groups (runs of n2 >= 256 columns) one GEMM per
+// sample straight into place; anything else a product and one converting copy.
+at::Tensor apply_into_layout(const at::Tensor& W, const at::Tensor& zc, const at::Tensor& z,
+                             const at::Tensor& bias = at::Tensor()) {
   auto y = at::empty_like(z);
   const int64_t G = zc.size(0), r = zc.size(1), n = zc.size(2);
   auto y4 = as4d(y);
   const int64_t n1 = y4.size(2), n2 = y4.size(3);
   const bool same_dtype = y.scalar_type() == zc.scalar_type();
+  const bool has_bias = bias.defined();
   if (same_dtype && y.is_contiguous()) {
     auto y3 = y.view({G, r, n});
-    at::bmm_out(y3, W, zc);
+    if (has_bias) {
+      at::baddbmm_out(y3, bias.unsqueeze(-1).expand({G, r, n}), W, zc);
+    } else {
+      at::bmm_out(y3, W, zc);
+    }
   } else if (same_dtype && y4.stride(3) == 1 && n2 >= 256) {
     auto zc4 = zc.view({G, r, n1, n2});
     for (int64_t g = 0; g < G; ++g)
       for (int64_t b = 0; b < n1; ++b) {
         auto out = y4[g].select(1, b);
-        at::mm_out(out, W[g], zc4[g].select(1, b));
+        if (has_bias) {
+          at::addmm_out(out, bias[g].unsqueeze(1).expand({r, n2}), W[g], zc4[g].select(1, b));
+        } else {
+          at::mm_out(out, W[g], zc4[g].select(1, b));
+        }
       }
   } else {
-    y4.copy_(at::bmm(W, zc).view({G, r, n1, n2}));
+    auto prod = has_bias ? at::baddbmm(bias.unsqueeze(-1).expand({G, r, n}), W, zc) : at::bmm(W, zc);
+    y4.copy_(prod.view({G, r, n1, n2}));
   }
   return y;
 }
@@ -292,7 +303,20 @@ void check_stat(const at::Tensor& t, const char* name, at::IntArrayRef shape, at
 
 }  // namespace
 
-std::vector<at::Tensor> whiten_fwd_cpu(const at::Tensor& z, int64_t T, double eps, double divisor) {
+namespace {
+
+void check_affine(const at::Tensor& t, const char* name, const at::Tensor& z) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.size(0) == z.size(0) && t.size(1) == z.size(1),
+              "intl_kernels::whiten_affine (cpu): ", name, " must be a CPU (G, r) = (", z.size(0), ", ",
+              z.size(1), ") tensor, got ", t.sizes(), " on ", t.device());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "intl_kernels::whiten_affine (cpu): ", name,
+              " must be floating point, got ", t.scalar_type());
+}
+
+// The forward, with an optional per-row affine y ← weight·y + bias folded into the last
+// product (weight scales the rows of W, bias enters the product's accumulator).
+std::vector<at::Tensor> whiten_fwd_impl(const at::Tensor& z, int64_t T, double eps, double divisor,
+                                        const at::Tensor& weight, const at::Tensor& bias) {
   check_z(z, "z");
   TORCH_CHECK(T >= 1, "intl_kernels::whiten (cpu): T must be >= 1, got ", T);
   TORCH_CHECK(eps >= 0.0, "intl_kernels::whiten (cpu): eps must be >= 0, got ", eps);
@@ -331,13 +355,25 @@ std::vector<at::Tensor> whiten_fwd_cpu(const at::Tensor& z, int64_t T, double ep
     sym_bmm_out(Xk, Pk, Pk);
     sym_bmm_out(Pnext, Pk, sym_bmm(Xk, A)).mul_(-0.5).add_(Pk, 1.5);
   }
-  auto y = apply_into_layout(P[T - 1] * rsqrt_tau, zc, z);
+  auto W = P[T - 1] * rsqrt_tau;
+  at::Tensor y;
+  if (weight.defined()) {
+    check_affine(weight, "weight", z);
+    check_affine(bias, "bias", z);
+    y = apply_into_layout(W.mul_(weight.to(cdt).unsqueeze(-1)), zc, z, bias.to(cdt).contiguous());
+  } else {
+    y = apply_into_layout(W, zc, z);
+  }
   return {y, mean, rscale, tau, A, P, X};
 }
 
-at::Tensor whiten_bwd_cpu(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mean,
-                          const at::Tensor& rscale, const at::Tensor& tau, const at::Tensor& A,
-                          const at::Tensor& P, const at::Tensor& X, double divisor) {
+// The backward; with `weight` (the forward's affine), also the weight and bias gradients:
+// with G1 = Ȳ Zcᵀ, dweight = rowsum(W ⊙ G1), dbias = rowsum(Ȳ), and the whitening sees
+// diag(weight)·Ȳ, i.e. W̄ = diag(weight)·G1 and Z̄c = (diag(weight) W)ᵀ Ȳ + ….
+std::vector<at::Tensor> whiten_bwd_impl(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& weight,
+                                        const at::Tensor& mean, const at::Tensor& rscale, const at::Tensor& tau,
+                                        const at::Tensor& A, const at::Tensor& P, const at::Tensor& X,
+                                        double divisor) {
   check_z(z, "z");
   TORCH_CHECK(dy.sizes() == z.sizes() && dy.device().is_cpu(),
               "intl_kernels::whiten_bwd (cpu): dy must be a CPU tensor of z's shape ", z.sizes(), ", got ",
@@ -364,6 +400,14 @@ at::Tensor whiten_bwd_cpu(const at::Tensor& dy, const at::Tensor& z, const at::T
   auto W = P[T - 1] * rsqrt_tau;
 
   auto dW = at::bmm(dyf, zc.transpose(1, 2));
+  at::Tensor dweight, dbias, wrow;
+  if (weight.defined()) {
+    check_affine(weight, "weight", z);
+    wrow = weight.to(cdt).unsqueeze(-1);
+    dweight = (dW * W).sum(2).to(weight.scalar_type());
+    dbias = dyf.sum(2).to(weight.scalar_type());
+    dW.mul_(wrow);
+  }
   auto dtau = (dW * W).sum({1, 2}, /*keepdim=*/true).mul_(-0.5).div_(tau_safe);
   auto dP = dW.mul_(rsqrt_tau);
   auto dA = at::zeros_like(A);
@@ -381,8 +425,36 @@ at::Tensor whiten_bwd_cpu(const at::Tensor& dy, const at::Tensor& z, const at::T
   dtau.sub_((dA * A).sum({1, 2}, /*keepdim=*/true).div_(tau_safe));
   auto dS = dA.div_(tau_safe);
   dS.diagonal(0, 1, 2).add_(dtau.view({G, 1}));
-  auto lhs = at::cat({W.transpose(1, 2), sym_(dS).mul_(2.0 / divisor)}, 2);  // [Wᵀ | (dS + dSᵀ)/divisor]
-  return centred_grad(at::bmm(lhs, buf), rscale.contiguous(), z);
+  auto Wt = (weight.defined() ? W * wrow : W).transpose(1, 2);
+  auto lhs = at::cat({Wt, sym_(dS).mul_(2.0 / divisor)}, 2);  // [Wᵀ | (dS + dSᵀ)/divisor]
+  auto dz = centred_grad(at::bmm(lhs, buf), rscale.contiguous(), z);
+  if (!weight.defined()) return {dz};
+  return {dz, dweight, dbias};
+}
+
+}  // namespace
+
+std::vector<at::Tensor> whiten_fwd_cpu(const at::Tensor& z, int64_t T, double eps, double divisor) {
+  return whiten_fwd_impl(z, T, eps, divisor, at::Tensor(), at::Tensor());
+}
+
+at::Tensor whiten_bwd_cpu(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& mean,
+                          const at::Tensor& rscale, const at::Tensor& tau, const at::Tensor& A,
+                          const at::Tensor& P, const at::Tensor& X, double divisor) {
+  return whiten_bwd_impl(dy, z, at::Tensor(), mean, rscale, tau, A, P, X, divisor)[0];
+}
+
+std::vector<at::Tensor> whiten_affine_fwd_cpu(const at::Tensor& z, const at::Tensor& weight,
+                                              const at::Tensor& bias, int64_t T, double eps, double divisor) {
+  return whiten_fwd_impl(z, T, eps, divisor, weight, bias);
+}
+
+std::vector<at::Tensor> whiten_affine_bwd_cpu(const at::Tensor& dy, const at::Tensor& z,
+                                              const at::Tensor& weight, const at::Tensor& mean,
+                                              const at::Tensor& rscale, const at::Tensor& tau,
+                                              const at::Tensor& A, const at::Tensor& P, const at::Tensor& X,
+                                              double divisor) {
+  return whiten_bwd_impl(dy, z, weight, mean, rscale, tau, A, P, X, divisor);
 }
 
 }  // namespace intl_kernels

@@ -32,3 +32,15 @@ if _C is not None:
         return torch.ops.intl_kernels.whiten_bwd(dy, z, mean, rscale, tau, A, P, X, divisor)
 
     _backends.register("cpu", _cpu_fwd, _cpu_bwd)
+
+    @torch.library.register_fake("intl_kernels::whiten_affine_fwd")
+    def _fake_whiten_affine_fwd(z, weight, bias, T, eps, divisor):
+        return fake_whiten_fwd(z, T, eps, divisor)
+
+    @torch.library.register_fake("intl_kernels::whiten_affine_bwd")
+    def _fake_whiten_affine_bwd(dy, z, weight, mean, rscale, tau, A, P, X, divisor):
+        return (
+            fake_whiten_bwd(dy, z, mean, rscale, tau, A, P, X, divisor),
+            torch.empty_like(weight),
+            torch.empty_like(weight),
+        )

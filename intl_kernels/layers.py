@@ -51,10 +51,15 @@ _READS_GROUP_VIEWS = ("cpu", "triton")
 
 
 class GroupWhitenFn(torch.autograd.Function):
-    """Whitening of channel groups of an (N, C, *spatial) tensor; also returns the batch
-    statistics in the input's scale for the running averages (not differentiable):
-    mean (G, c, 1) and whitening matrix W = P_T/√tr S (G, c, c), float32 (float64 for
-    float64 inputs)."""
+    """Whitening of the channel groups of an (N, C, *spatial) tensor.
+
+    Returns y4, the whitened groups as a (G, c, N, L) tensor laid out in memory like x
+    (``_from_columns(y4, x.shape)`` is then a view in x's layout; taking that view outside
+    the Function keeps in-place ops such as ReLU(inplace=True) on it legal), and the batch
+    statistics in the input's scale for the running averages (not differentiable): mean
+    (G, c, 1) and whitening matrix W = P_T/√tr S (G, c, c), float32 (float64 for float64
+    inputs).
+    """
 
     @staticmethod
     def forward(ctx, x, c, T, eps, backend, precision):
@@ -62,48 +67,82 @@ class GroupWhitenFn(torch.autograd.Function):
         G, L = C // c, math.prod(x.shape[2:])
         n = N * L
         z4 = _columns(x, G, c)
-        y = _empty_like_layout(x)
         fwd, _ = _backends.kernels(backend)
         with torch.autocast(x.device.type, enabled=False):
             if backend == "triton" and not torch.compiler.is_compiling():
                 from intl_kernels.triton.whiten import _whiten_fwd
 
-                _, *stats = _whiten_fwd(z4, T, eps, float(n), precision, out=_columns(y, G, c))
-            elif backend in _READS_GROUP_VIEWS:  # strided reads; y in z4's (so x's) layout
+                y4 = torch.empty_like(z4)
+                _, *stats = _whiten_fwd(z4, T, eps, float(n), precision, out=y4)
+            elif backend in _READS_GROUP_VIEWS:  # strided reads; y4 = empty_like(z4)
                 y4, *stats = fwd(z4, T, eps, float(n), precision)
-                y = _from_columns(y4, x.shape)
             else:
                 y3, *stats = fwd(z4.reshape(G, c, n), T, eps, float(n), precision)
-                _columns(y, G, c).copy_(y3.view(G, c, N, L))
-            mean, rscale, tau, _, P, _ = stats
-            mu = mean / rscale + z4[:, :, 0, :1].to(mean.dtype)
-            wm = P[-1] * (rscale * _safe_rsqrt(tau))
+                y4 = torch.empty_like(z4).copy_(y3.view(G, c, N, L))
+            mu, wm = _running_terms(z4, *stats)
         ctx.save_for_backward(x, *stats)
         ctx.meta = (c, n, backend, precision)
         ctx.mark_non_differentiable(mu, wm)
-        return y, mu, wm
+        return y4, mu, wm
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy, _dmu, _dwm):
+    def backward(ctx, dy4, _dmu, _dwm):
         x, *stats = ctx.saved_tensors
         c, n, backend, precision = ctx.meta
-        N, C = x.shape[:2]
-        G = C // c
-        z4, dy4 = _columns(x, G, c), _columns(dy, G, c)
-        dx = _empty_like_layout(x)
+        G = x.shape[1] // c
+        z4 = _columns(x, G, c)
         _, bwd = _backends.kernels(backend)
         with torch.autocast(x.device.type, enabled=False):
             if backend == "triton" and not torch.compiler.is_compiling():
                 from intl_kernels.triton.whiten import _whiten_bwd
 
-                _whiten_bwd(dy4, z4, *stats, float(n), precision, out=_columns(dx, G, c))
+                dx4 = _whiten_bwd(dy4, z4, *stats, float(n), precision, out=torch.empty_like(z4))
             elif backend in _READS_GROUP_VIEWS:
-                dx = _from_columns(bwd(dy4, z4, *stats, float(n), precision), x.shape)
+                dx4 = bwd(dy4, z4, *stats, float(n), precision)
             else:
                 dz3 = bwd(dy4.reshape(G, c, n), z4.reshape(G, c, n), *stats, float(n), precision)
-                _columns(dx, G, c).copy_(dz3.view(G, c, N, -1))
-        return dx, None, None, None, None, None
+                dx4 = torch.empty_like(z4).copy_(dz3.view(z4.shape))
+        return _from_columns(dx4, x.shape), None, None, None, None, None
+
+
+def _running_terms(z4, mean, rscale, tau, A, P, X):
+    """(batch mean (G, c, 1), whitening matrix (G, c, c)) in the input's scale, from the
+    statistics of the rescaled, shifted groups."""
+    mu = mean / rscale + z4[:, :, 0, :1].to(mean.dtype)
+    return mu, P[-1] * (rscale * _safe_rsqrt(tau))
+
+
+class GroupWhitenAffineFn(torch.autograd.Function):
+    """GroupWhitenFn with the per-channel affine folded into the C++ op (cpu backend):
+    y = weight·ŷ + bias comes out of the op's last product, and its backward returns the
+    weight and bias gradients from products it forms anyway. weight, bias: (G, c)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, c, T, eps):
+        N, C = x.shape[:2]
+        G = C // c
+        n = N * math.prod(x.shape[2:])
+        z4 = _columns(x, G, c)
+        with torch.autocast(x.device.type, enabled=False):
+            y4, *stats = torch.ops.intl_kernels.whiten_affine_fwd(z4, weight, bias, T, eps, float(n))
+            mu, wm = _running_terms(z4, *stats)
+        ctx.save_for_backward(x, weight, *stats)
+        ctx.meta = (c, n)
+        ctx.mark_non_differentiable(mu, wm)
+        return y4, mu, wm
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy4, _dmu, _dwm):
+        x, weight, *stats = ctx.saved_tensors
+        c, n = ctx.meta
+        G = x.shape[1] // c
+        with torch.autocast(x.device.type, enabled=False):
+            dz4, dweight, dbias = torch.ops.intl_kernels.whiten_affine_bwd(
+                dy4, _columns(x, G, c), weight, *stats, float(n)
+            )
+        return _from_columns(dz4, x.shape), dweight, dbias, None, None, None
 
 
 def group_sizes(num_features: int, num_groups: int | None, num_channels: int) -> tuple[int, int]:
@@ -231,10 +270,18 @@ class IterNorm(nn.Module):
                     f"(N·H·W = {n}), got input of shape {tuple(x.shape)}"
                 )
             backend, precision = _backends.resolve("IterNorm", self.backend, x, None)
-            y, mu, wm = GroupWhitenFn.apply(x, c, self.T, self.eps, backend, precision)
+            if self.affine and backend == "cpu":  # the affine folded into the op
+                G = self.num_groups
+                weight, bias = self.weight.view(G, c), self.bias.view(G, c)
+                y4, mu, wm = GroupWhitenAffineFn.apply(x, weight, bias, c, self.T, self.eps)
+            else:
+                y4, mu, wm = GroupWhitenFn.apply(x, c, self.T, self.eps, backend, precision)
+            y = _from_columns(y4, x.shape)
             with torch.no_grad():
                 self.running_mean.lerp_(mu.to(self.running_mean.dtype), self.momentum)
                 self.running_wm.lerp_(wm.to(self.running_wm.dtype), self.momentum)
+            if self.affine and backend == "cpu":
+                return y
         else:
             y = self._apply_running(x)
         if self.affine:

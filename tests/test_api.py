@@ -165,6 +165,36 @@ def test_opcheck_group_views(layout):
         (torch.randn_like(z4), z4, *stats, 60.0),
         test_utils=("test_schema", "test_faketensor"),
     )
+    w, b = torch.rand(2, 4) + 0.5, torch.randn(2, 4)
+    torch.library.opcheck(
+        torch.ops.intl_kernels.whiten_affine_fwd,
+        (z4, w, b, 3, 1e-3, 60.0),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    torch.library.opcheck(
+        torch.ops.intl_kernels.whiten_affine_bwd,
+        (torch.randn_like(z4), z4, w, *stats, 60.0),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+@needs_ext
+def test_affine_op_equals_whiten_then_affine():
+    """The folded affine: y = w·ŷ + b, and its gradients, as the plain op plus torch ops."""
+    z = torch.randn(3, 8, 20, dtype=torch.float64).view(3, 2, 4, 20).permute(1, 2, 0, 3)  # (G, r, N, L)
+    w = (torch.rand(2, 4, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    y, *stats = torch.ops.intl_kernels.whiten_affine_fwd(z, w, b, 4, 1e-3, 60.0)
+    y0, *_ = torch.ops.intl_kernels.whiten_fwd(z, 4, 1e-3, 60.0)
+    expected = y0 * w[..., None, None] + b[..., None, None]
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    dy = torch.randn_like(y)
+    dz, dw, db = torch.ops.intl_kernels.whiten_affine_bwd(dy, z, w, *stats, 60.0)
+    dz0 = torch.ops.intl_kernels.whiten_bwd(dy * w[..., None, None], z, *stats, 60.0)
+    gw, gb = torch.autograd.grad(expected, (w, b), dy)
+    torch.testing.assert_close(dz, dz0, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dw, gw, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(db, gb, rtol=1e-10, atol=1e-12)
 
 
 @needs_ext

@@ -21,53 +21,58 @@ CASES = {
 }
 
 
-def _layers(C, c, dim, backend, dtype):
+def _layers(C, c, dim, backend, dtype, affine=True):
     """Ours on the backend's device in ``dtype``, and the reference in float64 and in float32,
     all three with the same non-trivial affine parameters."""
     torch.manual_seed(C + c + dim)
-    ours = ik.IterNorm(C, num_channels=c, dim=dim, backend=backend)
-    with torch.no_grad():
-        ours.weight.copy_(torch.rand_like(ours.weight) + 0.5)
-        ours.bias.copy_(torch.randn_like(ours.bias))
+    ours = ik.IterNorm(C, num_channels=c, dim=dim, affine=affine, backend=backend)
+    if affine:
+        with torch.no_grad():
+            ours.weight.copy_(torch.rand_like(ours.weight) + 0.5)
+            ours.bias.copy_(torch.randn_like(ours.bias))
     refs = []
     for ref_dtype in (torch.float64, torch.float32):
-        ref = IterNormRef(C, num_channels=c, dim=dim)
+        ref = IterNormRef(C, num_channels=c, dim=dim, affine=affine)
         ref.load_state_dict(ours.state_dict())
         refs.append(ref.to(ref_dtype))
     return ours.to(backend_device(backend), dtype), *refs
 
 
-def _step(layer, x, dy):
+def _step(layer, x, dy, params=False):
+    """(y, dx) of one training step, and with params=True also the affine parameters' grads."""
     x = x.detach().requires_grad_()
     y = layer(x)
-    (dx,) = torch.autograd.grad(y, x, dy)
-    return y.detach().cpu(), dx.cpu()
+    inputs = [x] + ([layer.weight, layer.bias] if params else [])
+    grads = torch.autograd.grad(y, inputs, dy)
+    out = [y.detach().cpu()] + [g.cpu() for g in grads]
+    return out if params else tuple(out)
 
 
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
 @pytest.mark.parametrize("backend", FP32_BACKENDS)
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_layer_matches_reference_over_steps(backend, case):
-    """Three training steps (outputs, input gradients, running statistics), then eval.
-    CPU backends in float64 against the float64 reference; triton in float32 under the
-    tolerance rule (DESIGN §4) against the float64 and float32 references."""
+def test_layer_matches_reference_over_steps(backend, case, affine):
+    """Three training steps (outputs, input and affine-parameter gradients, running
+    statistics), then eval. CPU backends in float64 against the float64 reference; triton
+    in float32 under the tolerance rule (DESIGN §4) against the float64 and float32 references."""
     shape, c, dim = case
     dtype = torch.float32 if backend == "triton" else torch.float64
     dev = backend_device(backend)
-    ours, ref64, ref32 = _layers(shape[1], c, dim, backend, dtype)
+    ours, ref64, ref32 = _layers(shape[1], c, dim, backend, dtype, affine)
     assert (ours.num_groups, ours.num_channels) == (ref64.num_groups, ref64.num_channels)
+    names = ["y", "dx", "dweight", "dbias"] if affine else ["y", "dx"]
     for step in range(3):
         g = torch.Generator().manual_seed(step)
         x = torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5
         dy = torch.randn(shape, generator=g, dtype=torch.float64)
-        y, dx = _step(ours, x.to(dev, dtype), dy.to(dev, dtype))
-        y64, dx64 = _step(ref64, x, dy)
-        y32, dx32 = _step(ref32, x.float(), dy.float())
-        if dtype == torch.float64:
-            torch.testing.assert_close(y, y64, rtol=1e-9, atol=1e-10)
-            torch.testing.assert_close(dx, dx64, rtol=1e-9, atol=1e-10)
-        else:
-            assert_tolerance_rule(y, y32, y64.float(), 1e-5, f"step {step} y")
-            assert_tolerance_rule(dx, dx32, dx64.float(), 1e-5, f"step {step} dx")
+        got = _step(ours, x.to(dev, dtype), dy.to(dev, dtype), params=affine)
+        want64 = _step(ref64, x, dy, params=affine)
+        want32 = _step(ref32, x.float(), dy.float(), params=affine)
+        for name, a, b64, b32 in zip(names, got, want64, want32, strict=True):
+            if dtype == torch.float64:
+                torch.testing.assert_close(a, b64, rtol=1e-9, atol=1e-10, msg=f"step {step} {name}")
+            else:
+                assert_tolerance_rule(a, b32, b64.float(), 1e-5, f"step {step} {name}")
         tol = 1e-9 if dtype == torch.float64 else 1e-5
         for name in ("running_mean", "running_wm"):
             a, b = getattr(ours, name).double().cpu(), getattr(ref64, name)
