@@ -26,6 +26,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
+#include <c10/core/GradMode.h>
 
 #include <cmath>
 #include <limits>
@@ -317,6 +318,7 @@ void check_affine(const at::Tensor& t, const char* name, const at::Tensor& z) {
 // product (weight scales the rows of W, bias enters the product's accumulator).
 std::vector<at::Tensor> whiten_fwd_impl(const at::Tensor& z, int64_t T, double eps, double divisor,
                                         const at::Tensor& weight, const at::Tensor& bias) {
+  c10::AutoGradMode no_grad(false);  // a kernel: differentiated by intl_kernels' autograd Functions, not by tracing
   check_z(z, "z");
   TORCH_CHECK(T >= 1, "intl_kernels::whiten (cpu): T must be >= 1, got ", T);
   TORCH_CHECK(eps >= 0.0, "intl_kernels::whiten (cpu): eps must be >= 0, got ", eps);
@@ -374,6 +376,7 @@ std::vector<at::Tensor> whiten_bwd_impl(const at::Tensor& dy, const at::Tensor& 
                                         const at::Tensor& mean, const at::Tensor& rscale, const at::Tensor& tau,
                                         const at::Tensor& A, const at::Tensor& P, const at::Tensor& X,
                                         double divisor) {
+  c10::AutoGradMode no_grad(false);
   check_z(z, "z");
   TORCH_CHECK(dy.sizes() == z.sizes() && dy.device().is_cpu(),
               "intl_kernels::whiten_bwd (cpu): dy must be a CPU tensor of z's shape ", z.sizes(), ", got ",
