@@ -5,8 +5,9 @@ The IterNorm layer whitens contiguous groups of c channels over the batch and sp
 positions: for group g, Z_g = x[:, g·c:(g+1)·c] as a c × (N·H·W) matrix, divisor N·H·W,
 ridge eps, T Newton steps (DESIGN §2, mode batch/group). The groups are read as
 (G, c, N, H·W) views of the input's memory, NCHW or channels_last, and the output is
-written in the input's layout; the triton backend reads and writes those views directly,
-the torch and cpu backends take one reshaped copy.
+written in the input's layout: the triton and cpu backends read and write those views
+directly (the cpu backend also folds the per-channel affine into its op), the torch
+backend takes one reshaped copy.
 """
 
 from __future__ import annotations
@@ -270,7 +271,8 @@ class IterNorm(nn.Module):
                     f"(N·H·W = {n}), got input of shape {tuple(x.shape)}"
                 )
             backend, precision = _backends.resolve("IterNorm", self.backend, x, None)
-            if self.affine and backend == "cpu":  # the affine folded into the op
+            folded = self.affine and backend == "cpu"  # the op applies the affine itself
+            if folded:
                 G = self.num_groups
                 weight, bias = self.weight.view(G, c), self.bias.view(G, c)
                 y4, mu, wm = GroupWhitenAffineFn.apply(x, weight, bias, c, self.T, self.eps)
@@ -280,11 +282,10 @@ class IterNorm(nn.Module):
             with torch.no_grad():
                 self.running_mean.lerp_(mu.to(self.running_mean.dtype), self.momentum)
                 self.running_wm.lerp_(wm.to(self.running_wm.dtype), self.momentum)
-            if self.affine and backend == "cpu":
-                return y
         else:
+            folded = False
             y = self._apply_running(x)
-        if self.affine:
+        if self.affine and not folded:
             shape = (1, self.num_features) + (1,) * (x.dim() - 2)
             y = torch.addcmul(self.bias.to(y.dtype).view(shape), y, self.weight.to(y.dtype).view(shape))
         return y
