@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 
 from intl_kernels import _backends
 from intl_kernels._checks import check_float_tensor, check_int, check_real
-from intl_kernels.whiten import iter_norm
+from intl_kernels.whiten import _safe_tau, iter_norm
 
 
 def _columns(t: torch.Tensor, G: int, c: int) -> torch.Tensor:
@@ -39,11 +39,6 @@ def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.empty_like(x, memory_format=torch.channels_last)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _safe_rsqrt(tau: torch.Tensor) -> torch.Tensor:
-    pos = tau >= torch.finfo(tau.dtype).tiny
-    return torch.where(pos, torch.where(pos, tau, torch.ones_like(tau)).rsqrt(), torch.zeros_like(tau))
 
 
 # Backends whose fwd/bwd take the (G, c, N, L) group view itself and return results in its
@@ -111,7 +106,7 @@ def _running_terms(z4, mean, rscale, tau, A, P, X):
     """(batch mean (G, c, 1), whitening matrix (G, c, c)) in the input's scale, from the
     statistics of the rescaled, shifted groups."""
     mu = mean / rscale + z4[:, :, 0, :1].to(mean.dtype)
-    return mu, P[-1] * (rscale * _safe_rsqrt(tau))
+    return mu, P[-1] * (rscale * _safe_tau(tau)[1])
 
 
 class GroupWhitenAffineFn(torch.autograd.Function):

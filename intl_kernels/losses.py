@@ -30,7 +30,13 @@ def norm_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         scalar tensor.
     """
     check_pair_2d("norm_mse", ("a", a), ("b", b))
-    return 2 - 2 * (F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(dim=-1).mean()
+    return _norm_mse_sum(a, b)
+
+
+def _norm_mse_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """norm_mse of (..., N, D) pairs (broadcast over leading axes), summed over those axes."""
+    cos = (F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(dim=-1)
+    return (2 - 2 * cos.mean(dim=-1)).sum()
 
 
 def trace_loss(y: torch.Tensor) -> torch.Tensor:
@@ -149,8 +155,7 @@ def intl_loss(
         t_views = t
     else:
         t_target, t_views = t[0], t[1:]
-    cos = (F.normalize(t_views, dim=-1) * F.normalize(t_target, dim=-1)).sum(dim=-1)  # (V, N)
-    loss = (2 - 2 * cos.mean(dim=-1)).sum() + beta * trace_loss(t_views)
+    loss = _norm_mse_sum(t_views, t_target) + beta * trace_loss(t_views)
     if not ema_target:
         loss = loss + beta * len(views) * trace_loss(t_target)
     return loss / len(views)

@@ -21,13 +21,14 @@ import math
 import torch
 import triton
 
+from intl_kernels._backends import DTYPES as _BACKEND_DTYPES
 from intl_kernels.triton import kernels as K
 from intl_kernels.triton._config import INTERPRET, autotune
-from intl_kernels.whiten import fake_whiten_bwd, fake_whiten_fwd
+from intl_kernels.whiten import _safe_tau, fake_whiten_bwd, fake_whiten_fwd
 
 SMALL_R_MAX = 128  # one program per group up to here (fp32 r × r matrices in registers)
 PRECISION_MODES = {None: "ieee", "ieee": "ieee", "tf32": "tf32", "tf32x3": "tf32x3"}
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPES = _BACKEND_DTYPES["triton"]
 _MIN_SPLIT_COLUMNS = 512  # fewest columns one split-K program handles
 
 
@@ -258,9 +259,7 @@ def _whiten_newton_bwd(GM, dysum, tau, A, P, X, n: int, divisor: float, prec: st
         return M, dymean
     # Tiled: every product below has a symmetric result except E = P_k D; the scalar glue
     # (two inner products per group and the k = 0 step) is a few tiny torch ops.
-    pos = tau >= torch.finfo(torch.float32).tiny
-    tau_safe = torch.where(pos, tau, torch.ones_like(tau))
-    rsq = torch.where(pos, tau_safe.rsqrt(), torch.zeros_like(tau))
+    tau_safe, rsq = _safe_tau(tau)
     dtau = (GM * P[T - 1]).sum((1, 2), keepdim=True) * rsq / (-4.0 * tau_safe)
     dP = GM * (0.5 * rsq)
     dA = None
