@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import subprocess
 
 from setuptools import find_packages, setup
 
@@ -32,11 +33,30 @@ def _log(msg: str) -> None:
 
 
 def _cuda_home() -> str | None:
+    """CUDA_HOME (or CUDA_PATH), else the toolkit of the nvcc on PATH."""
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if home:
         return home
     nvcc = shutil.which("nvcc")
-    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+    if nvcc is None:
+        return None
+    guess = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    if os.path.exists(os.path.join(guess, "include", "cuda_runtime_api.h")):
+        return guess
+    # nvcc may be a wrapper script outside its toolkit: ask it where the toolkit is.
+    try:
+        out = subprocess.run(
+            [nvcc, "-dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return guess
+    for line in (out.stdout + out.stderr).splitlines():
+        if "TOP=" in line:
+            return os.path.normpath(line.split("TOP=", 1)[1].strip().strip('"'))
+    return guess
 
 
 def _cuda_disabled_reason(torch) -> str | None:
@@ -66,7 +86,9 @@ def _ext_modules():
         os.environ.setdefault("CUDA_HOME", _cuda_home())
         cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
         archs = os.environ.get("INTL_KERNELS_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
-        nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+        # No --use_fast_math: it flushes subnormals to zero, and tiny inputs must give the
+        # same results as on the other backends.
+        nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
         for arch in filter(None, (a.strip() for a in archs)):
             nvcc_flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
         _log(f"building C++ and CUDA kernels for sm {archs}")

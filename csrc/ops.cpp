@@ -1,4 +1,5 @@
-// Registers the intl_kernels ops with the PyTorch dispatcher (namespace `intl_kernels`).
+// Registers the intl_kernels ops with the PyTorch dispatcher (namespace `intl_kernels`): CPU
+// kernels always, CUDA kernels when the extension is built with nvcc (INTL_KERNELS_WITH_CUDA).
 // Fake (meta) implementations live in intl_kernels/_ext.py; autograd is wired in Python
 // (intl_kernels.whiten.WhitenFn) so the backward is the hand-written one.
 
@@ -13,15 +14,15 @@ namespace {
 
 using Fwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+Fwd as_fwd(const std::vector<at::Tensor>& o) { return {o[0], o[1], o[2], o[3], o[4], o[5], o[6]}; }
+
 Fwd whiten_fwd_cpu_op(const at::Tensor& z, int64_t T, double eps, double divisor) {
-  auto o = whiten_fwd_cpu(z, T, eps, divisor);
-  return {o[0], o[1], o[2], o[3], o[4], o[5], o[6]};
+  return as_fwd(whiten_fwd_cpu(z, T, eps, divisor));
 }
 
 Fwd whiten_affine_fwd_cpu_op(const at::Tensor& z, const at::Tensor& weight, const at::Tensor& bias, int64_t T,
                              double eps, double divisor) {
-  auto o = whiten_affine_fwd_cpu(z, weight, bias, T, eps, divisor);
-  return {o[0], o[1], o[2], o[3], o[4], o[5], o[6]};
+  return as_fwd(whiten_affine_fwd_cpu(z, weight, bias, T, eps, divisor));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> whiten_affine_bwd_cpu_op(
@@ -31,6 +32,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> whiten_affine_bwd_cpu_op(
   auto o = whiten_affine_bwd_cpu(dy, z, weight, mean, rscale, tau, A, P, X, divisor);
   return {o[0], o[1], o[2]};
 }
+
+#ifdef INTL_KERNELS_WITH_CUDA
+Fwd whiten_fwd_cuda_op(const at::Tensor& z, int64_t T, double eps, double divisor) {
+  return as_fwd(whiten_fwd_cuda(z, T, eps, divisor));
+}
+
+Fwd whiten_affine_fwd_cuda_op(const at::Tensor& z, const at::Tensor& weight, const at::Tensor& bias, int64_t T,
+                              double eps, double divisor) {
+  return as_fwd(whiten_affine_fwd_cuda(z, weight, bias, T, eps, divisor));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> whiten_affine_bwd_cuda_op(
+    const at::Tensor& dy, const at::Tensor& z, const at::Tensor& weight, const at::Tensor& mean,
+    const at::Tensor& rscale, const at::Tensor& tau, const at::Tensor& A, const at::Tensor& P,
+    const at::Tensor& X, double divisor) {
+  auto o = whiten_affine_bwd_cuda(dy, z, weight, mean, rscale, tau, A, P, X, divisor);
+  return {o[0], o[1], o[2]};
+}
+#endif
 
 }  // namespace
 
@@ -56,7 +76,28 @@ TORCH_LIBRARY_IMPL(intl_kernels, CPU, m) {
   m.impl("whiten_affine_bwd", &whiten_affine_bwd_cpu_op);
 }
 
+#ifdef INTL_KERNELS_WITH_CUDA
+TORCH_LIBRARY_IMPL(intl_kernels, CUDA, m) {
+  m.impl("whiten_fwd", &whiten_fwd_cuda_op);
+  m.impl("whiten_bwd", &whiten_bwd_cuda);
+  m.impl("whiten_affine_fwd", &whiten_affine_fwd_cuda_op);
+  m.impl("whiten_affine_bwd", &whiten_affine_bwd_cuda_op);
+}
+#endif
+
 }  // namespace intl_kernels
 
 // An importable module: loading it runs the registrations above.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "intl_kernels C++ ops (torch.ops.intl_kernels)"; }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "intl_kernels C++ ops (torch.ops.intl_kernels)";
+  m.def(
+      "cuda_built",
+      [] {
+#ifdef INTL_KERNELS_WITH_CUDA
+        return true;
+#else
+        return false;
+#endif
+      },
+      "True when the CUDA kernels were compiled into this extension");
+}

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 ENV_VAR = "INTL_KERNELS_BACKEND"
-KNOWN = ("torch", "cpu", "triton")
+KNOWN = ("torch", "cpu", "triton", "cuda")
 BUILD_HINT = "build the C++ extension with `pip install --no-build-isolation -e .` in the project root"
 
 ALL_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -28,12 +28,16 @@ PRECISIONS: dict[str, tuple[str, ...]] = {
     "torch": ("ieee",),
     "cpu": ("ieee",),
     "triton": ("ieee", "tf32", "tf32x3"),
+    "cuda": ("ieee",),
 }
 DTYPES: dict[str, tuple[torch.dtype, ...]] = {
     "torch": ALL_DTYPES,
     "cpu": ALL_DTYPES,
     "triton": HALF_AND_FLOAT,
+    "cuda": HALF_AND_FLOAT,
 }
+# Largest r (rows per matrix, channels per group) a backend takes; None: any.
+MAX_ROWS: dict[str, int | None] = {"torch": None, "cpu": None, "triton": None, "cuda": 128}
 
 
 def triton_interpret() -> bool:
@@ -43,11 +47,15 @@ def triton_interpret() -> bool:
 
 _KERNELS: dict[str, tuple[Callable, Callable]] = {}
 _LAZY: dict[str, Callable[[], tuple[Callable, Callable]]] = {}
-_UNAVAILABLE_REASON: dict[str, str] = {"cpu": "the C++ extension intl_kernels._C is not built; " + BUILD_HINT}
+_UNAVAILABLE_REASON: dict[str, str] = {
+    "cpu": "the C++ extension intl_kernels._C is not built; " + BUILD_HINT,
+    "cuda": "the C++ extension intl_kernels._C is not built; " + BUILD_HINT,
+}
 _DEVICE: dict[str, str | None] = {
     "torch": None,
     "cpu": "cpu",
     "triton": "cpu" if triton_interpret() else "cuda",
+    "cuda": "cuda",
 }
 
 
@@ -119,7 +127,8 @@ def _auto(z: torch.Tensor) -> str:
 
 
 def resolve(fn: str, backend: object, z: torch.Tensor, precision: object) -> tuple[str, str]:
-    """(backend, precision) for ``z``; raises if either is unknown, unavailable or wrong for z."""
+    """(backend, precision) for ``z`` (G, r, ...); raises if either is unknown, unavailable or
+    wrong for z (device, dtype, r above the backend's limit)."""
     backend = _check_name(fn, backend, "backend")
     if backend == "auto":
         env = os.environ.get(ENV_VAR, "").strip()
@@ -131,6 +140,12 @@ def resolve(fn: str, backend: object, z: torch.Tensor, precision: object) -> tup
     device = _DEVICE[backend]
     if device is not None and z.device.type != device:
         raise ValueError(f"{fn}: backend {backend!r} needs {device} tensors, got a tensor on {z.device}")
+    max_rows = MAX_ROWS[backend]
+    if max_rows is not None and z.shape[1] > max_rows:
+        raise ValueError(
+            f"{fn}: backend {backend!r} whitens at most {max_rows} rows per matrix (channels per group), "
+            f"got r = {z.shape[1]}; use backend='triton' or 'torch' (or 'auto')"
+        )
     if z.dtype not in DTYPES[backend]:
         names = ", ".join(str(d).removeprefix("torch.") for d in DTYPES[backend])
         raise TypeError(

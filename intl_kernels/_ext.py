@@ -1,10 +1,12 @@
 """Loads the optional C++ extension ``intl_kernels._C`` and wires its ops in.
 
-The extension defines ``torch.ops.intl_kernels.whiten_fwd`` / ``whiten_bwd`` through
-``TORCH_LIBRARY`` (csrc/). Here they get fake (meta) implementations so that
-``torch.compile`` can trace them, and become the ``cpu`` backend. Without the
-extension the package still imports; asking for ``backend="cpu"`` then raises an
-error that says how to build it.
+The extension defines ``torch.ops.intl_kernels.whiten_fwd`` / ``whiten_bwd`` (and the
+affine variants) through ``TORCH_LIBRARY`` (csrc/), with CPU kernels and, when it was
+compiled with nvcc, CUDA kernels for groups of at most 128 rows. Here the ops get fake
+(meta) implementations so that ``torch.compile`` can trace them, and become the ``cpu``
+and ``cuda`` backends (one op each; the dispatcher picks the kernel by device). Without
+the extension the package still imports; asking for ``backend="cpu"`` or ``"cuda"``
+then raises an error that says how to build it.
 """
 
 from __future__ import annotations
@@ -25,13 +27,23 @@ if _C is not None:
     torch.library.register_fake("intl_kernels::whiten_fwd")(fake_whiten_fwd)
     torch.library.register_fake("intl_kernels::whiten_bwd")(fake_whiten_bwd)
 
-    def _cpu_fwd(z, T, eps, divisor, precision="ieee"):  # the op has full accuracy only
+    def _op_fwd(z, T, eps, divisor, precision="ieee"):  # the op has full accuracy only
         return torch.ops.intl_kernels.whiten_fwd(z, T, eps, divisor)
 
-    def _cpu_bwd(dy, z, mean, rscale, tau, A, P, X, divisor, precision="ieee"):
+    def _op_bwd(dy, z, mean, rscale, tau, A, P, X, divisor, precision="ieee"):
         return torch.ops.intl_kernels.whiten_bwd(dy, z, mean, rscale, tau, A, P, X, divisor)
 
-    _backends.register("cpu", _cpu_fwd, _cpu_bwd)
+    _backends.register("cpu", _op_fwd, _op_bwd)
+    if not _C.cuda_built():
+        _backends.set_unavailable(
+            "cuda",
+            "intl_kernels._C was built without its CUDA kernels (torch without CUDA, nvcc not found, or "
+            f"INTL_KERNELS_SKIP_CUDA_BUILD=1); {_backends.BUILD_HINT} on a machine with nvcc",
+        )
+    elif not torch.cuda.is_available():
+        _backends.set_unavailable("cuda", "no CUDA device")
+    else:
+        _backends.register("cuda", _op_fwd, _op_bwd)
 
     @torch.library.register_fake("intl_kernels::whiten_affine_fwd")
     def _fake_whiten_affine_fwd(z, weight, bias, T, eps, divisor):

@@ -5,8 +5,8 @@ The IterNorm layer whitens contiguous groups of c channels over the batch and sp
 positions: for group g, Z_g = x[:, g·c:(g+1)·c] as a c × (N·H·W) matrix, divisor N·H·W,
 ridge eps, T Newton steps (DESIGN §2, mode batch/group). The groups are read as
 (G, c, N, H·W) views of the input's memory, NCHW or channels_last, and the output is
-written in the input's layout: the triton and cpu backends read and write those views
-directly (the cpu backend also folds the per-channel affine into its op), the torch
+written in the input's layout: the triton, cpu and cuda backends read and write those views
+directly (cpu and cuda also fold the per-channel affine into their op), the torch
 backend takes one reshaped copy.
 """
 
@@ -43,7 +43,9 @@ def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
 
 # Backends whose fwd/bwd take the (G, c, N, L) group view itself and return results in its
 # layout (at::empty_like); the torch backend takes a reshaped (G, c, N·L) copy.
-_READS_GROUP_VIEWS = ("cpu", "triton")
+_READS_GROUP_VIEWS = ("cpu", "triton", "cuda")
+# Backends whose ops apply the per-channel affine themselves (torch.ops.intl_kernels.whiten_affine_*).
+_FOLDS_AFFINE = ("cpu", "cuda")
 
 
 class GroupWhitenFn(torch.autograd.Function):
@@ -110,7 +112,7 @@ def _running_terms(z4, mean, rscale, tau, A, P, X):
 
 
 class GroupWhitenAffineFn(torch.autograd.Function):
-    """GroupWhitenFn with the per-channel affine folded into the C++ op (cpu backend):
+    """GroupWhitenFn with the per-channel affine folded into the C++ op (cpu and cuda backends):
     y = weight·ŷ + bias comes out of the op's last product, and its backward returns the
     weight and bias gradients from products it forms anyway. weight, bias: (G, c)."""
 
@@ -265,8 +267,9 @@ class IterNorm(nn.Module):
                     f"IterNorm: expected more than 1 value per channel when training "
                     f"(N·H·W = {n}), got input of shape {tuple(x.shape)}"
                 )
-            backend, precision = _backends.resolve("IterNorm", self.backend, x, None)
-            folded = self.affine and backend == "cpu"  # the op applies the affine itself
+            groups = _columns(x, self.num_groups, c)  # r = c for the backends' row limits
+            backend, precision = _backends.resolve("IterNorm", self.backend, groups, None)
+            folded = self.affine and backend in _FOLDS_AFFINE  # the op applies the affine itself
             if folded:
                 G = self.num_groups
                 weight, bias = self.weight.view(G, c), self.bias.view(G, c)

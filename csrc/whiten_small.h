@@ -1,0 +1,262 @@
+// Host side of the small-group kernels (whiten_blocks.h): argument checks, allocation of the
+// outputs, statistics and scratch, and the order of the launches. Generic over an `Exec` that
+// runs a kernel body over a grid: the CUDA launcher (whiten_fwd_cuda.cu, whiten_bwd_cuda.cu)
+// or the host emulator (whiten_emulate.cpp), so the tests on machines without a GPU check the
+// same launch sequence the GPU runs.
+//
+// Exec provides: kDevice; chunk(n, G) -> columns per block; and, for the forward, stats<scalar_t,
+// CB>, reduce, newton<CB>, apply<scalar_t, CB, false>; for the backward, dstats<scalar_t, CB>,
+// dreduce, adjoint<CB>, apply<scalar_t, CB, true>, each taking (grid x, grid y, args).
+
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "whiten_blocks.h"
+
+namespace intl_kernels {
+namespace small {
+
+using blocks::kChunkQuantum;
+using blocks::kMaxRows;
+using blocks::kThreads;
+
+// Columns per block: about `target` blocks in all, at least one quantum of columns each.
+inline int64_t plan_chunk(int64_t n, int64_t G, int64_t target) {
+  const int64_t max_blocks = (n + kChunkQuantum - 1) / kChunkQuantum;
+  int64_t per_group = (target + G - 1) / G;
+  per_group = std::max<int64_t>(1, std::min(per_group, max_blocks));
+  const int64_t cols = (n + per_group - 1) / per_group;
+  return (cols + kChunkQuantum - 1) / kChunkQuantum * kChunkQuantum;
+}
+
+inline at::Tensor as4d(const at::Tensor& t) { return t.dim() == 3 ? t.unsqueeze(2) : t; }
+
+template <typename T>
+blocks::Strided<T> strided(const at::Tensor& t4) {
+  return {reinterpret_cast<T*>(t4.data_ptr()), t4.stride(0), t4.stride(1), t4.stride(2), t4.stride(3), t4.size(3)};
+}
+
+template <typename F>
+void dispatch_rows(int c, F&& f) {
+  const int cb = blocks::row_bucket(c);
+  if (cb == 32) f(std::integral_constant<int, 32>{});
+  else if (cb == 64) f(std::integral_constant<int, 64>{});
+  else f(std::integral_constant<int, 128>{});
+}
+
+template <typename F>
+void dispatch_dtype(at::ScalarType st, F&& f) {
+  if (st == at::kFloat) f(float{});
+  else if (st == at::kHalf) f(at::Half{});
+  else f(at::BFloat16{});
+}
+
+inline void check_input(const char* op, const char* name, const at::Tensor& t, c10::DeviceType device) {
+  TORCH_CHECK(t.device().type() == device, op, ": ", name, " must be a ", c10::DeviceTypeName(device),
+              " tensor, got one on ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16,
+              op, ": ", name, " must be float32, bfloat16 or float16, got ", t.scalar_type(),
+              " (use backend='torch' or 'cpu' for float64)");
+  TORCH_CHECK(t.dim() == 3 || t.dim() == 4, op, ": ", name, " must be 3-D (G, r, n) or 4-D (G, r, n1, n2), got ",
+              t.dim(), "-D");
+  const int64_t c = t.size(1);
+  TORCH_CHECK(c >= 1 && c <= kMaxRows, op, ": ", name, " has r = ", c,
+              " rows per group; the cuda backend handles 1 <= r <= ", kMaxRows,
+              " (use backend='triton' or 'torch' for larger groups)");
+  TORCH_CHECK(t.size(0) >= 1 && t.size(0) <= 65535, op, ": ", name, " must have 1 <= G <= 65535 groups, got ",
+              t.size(0));
+  TORCH_CHECK(t.numel() > 0, op, ": ", name, " must have n >= 1 columns, got shape ", t.sizes());
+}
+
+inline void check_stat(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,
+                       const at::Tensor& z) {
+  TORCH_CHECK(t.device() == z.device(), op, ": ", name, " must be on ", z.device(), ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+inline at::Tensor check_affine(const char* op, const char* name, const at::Tensor& t, int64_t G, int64_t c,
+                               const at::Tensor& z) {
+  if (!t.defined()) return t;
+  TORCH_CHECK(t.device() == z.device(), op, ": ", name, " must be on ", z.device(), ", got ", t.device());
+  TORCH_CHECK(t.is_floating_point(), op, ": ", name, " must be a float tensor, got ", t.scalar_type());
+  TORCH_CHECK(t.numel() == G * c, op, ": ", name, " must have G·r = ", G * c, " elements (shape (G, r)), got shape ",
+              t.sizes());
+  return t.reshape({G, c}).to(at::kFloat).contiguous();
+}
+
+// Forward. Returns {y, mean, rscale, tau, A, P, X} (the contract of the torch backend).
+template <class Exec>
+std::vector<at::Tensor> whiten_fwd(Exec& ex, const char* op, const at::Tensor& z_in, const at::Tensor& weight_in,
+                                   const at::Tensor& bias_in, int64_t T, double eps, double divisor) {
+  check_input(op, "z", z_in, Exec::kDevice);
+  TORCH_CHECK(T >= 1, op, ": T must be >= 1, got ", T);
+  TORCH_CHECK(eps >= 0.0 && std::isfinite(eps), op, ": eps must be a finite number >= 0, got ", eps);
+  TORCH_CHECK(divisor > 0.0 && std::isfinite(divisor), op, ": divisor must be a finite number > 0, got ", divisor);
+  const auto z = as4d(z_in);
+  const int64_t G = z.size(0), c = z.size(1), n = z.size(2) * z.size(3);
+  TORCH_CHECK(weight_in.defined() == bias_in.defined(), op, ": weight and bias must be given together");
+  const auto weight = check_affine(op, "weight", weight_in, G, c, z);
+  const auto bias = check_affine(op, "bias", bias_in, G, c, z);
+
+  const auto f32 = z.options().dtype(at::kFloat);
+  auto y_in = at::empty_like(z_in);
+  auto y = as4d(y_in);
+  auto mean = at::empty({G, c, 1}, f32);
+  auto rscale = at::empty({G, 1, 1}, f32);
+  auto tau = at::empty({G, 1, 1}, f32);
+  auto A = at::empty({G, c, c}, f32);
+  auto P = at::empty({T, G, c, c}, f32);
+  auto X = at::empty({T - 1, G, c, c}, f32);
+  const int64_t chunk = ex.chunk(n, G);
+  const int nblk = static_cast<int>((n + chunk - 1) / chunk);
+  auto part_q = at::empty({G, nblk, c, c}, f32);
+  auto part_v = at::empty({G, nblk, 2, c}, f32);
+  auto part_e = at::empty({G, nblk}, z.options().dtype(at::kInt));
+  auto tmp = at::empty({G, 2, c, c}, f32);
+
+  int e_eps = blocks::kNoExp;
+  float eps_root = 0.0f;
+  if (eps > 0.0) {
+    eps_root = static_cast<float>(std::sqrt(eps));
+    int e = 0;
+    std::frexp(eps_root, &e);
+    e_eps = blocks::clamp_exp(e);
+  }
+  const int ci = static_cast<int>(c), Ti = static_cast<int>(T), Gi = static_cast<int>(G);
+  const int reduce_x = static_cast<int>((c * c + kThreads - 1) / kThreads);
+  dispatch_dtype(z.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    dispatch_rows(ci, [&](auto cb) {
+      constexpr int CB = decltype(cb)::value;
+      blocks::StatsArgs<scalar_t> sa{strided<const scalar_t>(z), ci, n, chunk, nblk,
+                                     part_q.data_ptr<float>(), part_v.data_ptr<float>(), part_e.data_ptr<int>()};
+      ex.template stats<scalar_t, CB>(nblk, Gi, sa);
+      blocks::ReduceArgs ra{ci, n, chunk, nblk, e_eps, static_cast<float>(divisor), part_q.data_ptr<float>(),
+                            part_v.data_ptr<float>(), part_e.data_ptr<int>(), A.data_ptr<float>(),
+                            mean.data_ptr<float>(), rscale.data_ptr<float>()};
+      ex.reduce(reduce_x, Gi, ra);
+      blocks::NewtonArgs na{ci, Ti, Gi, eps_root, rscale.data_ptr<float>(), A.data_ptr<float>(),
+                            tau.data_ptr<float>(), P.data_ptr<float>(), T > 1 ? X.data_ptr<float>() : nullptr,
+                            tmp.data_ptr<float>()};
+      ex.template newton<CB>(1, Gi, na);
+      blocks::ApplyArgs<scalar_t> aa{};
+      aa.z = strided<const scalar_t>(z);
+      aa.dy = aa.z;
+      aa.out = strided<scalar_t>(y);
+      aa.c = ci;
+      aa.T = Ti;
+      aa.G = Gi;
+      aa.n = n;
+      aa.chunk = chunk;
+      aa.mean = mean.data_ptr<float>();
+      aa.rscale = rscale.data_ptr<float>();
+      aa.tau = tau.data_ptr<float>();
+      aa.P = P.data_ptr<float>();
+      aa.weight = weight.defined() ? weight.data_ptr<float>() : nullptr;
+      aa.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
+      ex.template apply<scalar_t, CB, false>(nblk, Gi, aa);
+    });
+  });
+  return {y_in, mean, rscale, tau, A, P, X};
+}
+
+// Backward. Returns {dz, dweight, dbias}; the last two are undefined without an affine weight.
+template <class Exec>
+std::vector<at::Tensor> whiten_bwd(Exec& ex, const char* op, const at::Tensor& dy_in, const at::Tensor& z_in,
+                                   const at::Tensor& weight_in, const at::Tensor& mean_in,
+                                   const at::Tensor& rscale_in, const at::Tensor& tau_in, const at::Tensor& A_in,
+                                   const at::Tensor& P_in, const at::Tensor& X_in, double divisor) {
+  check_input(op, "z", z_in, Exec::kDevice);
+  check_input(op, "dy", dy_in, Exec::kDevice);
+  TORCH_CHECK(dy_in.sizes() == z_in.sizes(), op, ": dy must have z's shape ", z_in.sizes(), ", got ", dy_in.sizes());
+  TORCH_CHECK(dy_in.scalar_type() == z_in.scalar_type(), op, ": dy must have z's dtype ", z_in.scalar_type(),
+              ", got ", dy_in.scalar_type());
+  TORCH_CHECK(divisor > 0.0 && std::isfinite(divisor), op, ": divisor must be a finite number > 0, got ", divisor);
+  const auto z = as4d(z_in);
+  const auto dy = as4d(dy_in);
+  const int64_t G = z.size(0), c = z.size(1), n = z.size(2) * z.size(3);
+  TORCH_CHECK(P_in.dim() == 4 && P_in.size(0) >= 1, op, ": P must be (T, G, r, r) with T >= 1, got shape ",
+              P_in.sizes());
+  const int64_t T = P_in.size(0);
+  check_stat(op, "mean", mean_in, {G, c, 1}, z);
+  check_stat(op, "rscale", rscale_in, {G, 1, 1}, z);
+  check_stat(op, "tau", tau_in, {G, 1, 1}, z);
+  check_stat(op, "A", A_in, {G, c, c}, z);
+  check_stat(op, "P", P_in, {T, G, c, c}, z);
+  check_stat(op, "X", X_in, {T - 1, G, c, c}, z);
+  const auto weight = check_affine(op, "weight", weight_in, G, c, z);
+  const auto mean = mean_in.contiguous(), rscale = rscale_in.contiguous(), tau = tau_in.contiguous();
+  const auto A = A_in.contiguous(), P = P_in.contiguous(), X = X_in.contiguous();
+
+  const auto f32 = z.options().dtype(at::kFloat);
+  auto dz_in = at::empty_like(z_in);
+  auto dz = as4d(dz_in);
+  const int64_t chunk = ex.chunk(n, G);
+  const int nblk = static_cast<int>((n + chunk - 1) / chunk);
+  auto part_q = at::empty({G, nblk, c, c}, f32);
+  auto part_v = at::empty({G, nblk, c}, f32);
+  auto dw = at::empty({G, c, c}, f32);
+  auto ysum = at::empty({G, c}, f32);
+  auto ws = at::empty({G, 7, c, c}, f32);
+  auto M = at::empty({G, c, c}, f32);
+  auto Wm = at::empty({G, c, c}, f32);
+  at::Tensor dweight, dbias;
+  if (weight.defined()) {
+    dweight = at::empty({G, c}, f32);
+    dbias = at::empty({G, c}, f32);
+  }
+  const int ci = static_cast<int>(c), Ti = static_cast<int>(T), Gi = static_cast<int>(G);
+  const int reduce_x = static_cast<int>((c * c + kThreads - 1) / kThreads);
+  dispatch_dtype(z.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    dispatch_rows(ci, [&](auto cb) {
+      constexpr int CB = decltype(cb)::value;
+      blocks::DStatsArgs<scalar_t> sa{strided<const scalar_t>(z), strided<const scalar_t>(dy), ci, n, chunk, nblk,
+                                      mean.data_ptr<float>(), rscale.data_ptr<float>(), part_q.data_ptr<float>(),
+                                      part_v.data_ptr<float>()};
+      ex.template dstats<scalar_t, CB>(nblk, Gi, sa);
+      blocks::DReduceArgs ra{ci, nblk, part_q.data_ptr<float>(), part_v.data_ptr<float>(), dw.data_ptr<float>(),
+                             ysum.data_ptr<float>()};
+      ex.dreduce(reduce_x, Gi, ra);
+      blocks::AdjointArgs ja{ci, Ti, Gi, static_cast<float>(divisor), dw.data_ptr<float>(), ysum.data_ptr<float>(),
+                             weight.defined() ? weight.data_ptr<float>() : nullptr, tau.data_ptr<float>(),
+                             A.data_ptr<float>(), P.data_ptr<float>(), T > 1 ? X.data_ptr<float>() : nullptr,
+                             ws.data_ptr<float>(), M.data_ptr<float>(), Wm.data_ptr<float>(),
+                             dweight.defined() ? dweight.data_ptr<float>() : nullptr,
+                             dbias.defined() ? dbias.data_ptr<float>() : nullptr};
+      ex.template adjoint<CB>(1, Gi, ja);
+      blocks::ApplyArgs<scalar_t> aa{};
+      aa.z = strided<const scalar_t>(z);
+      aa.dy = strided<const scalar_t>(dy);
+      aa.out = strided<scalar_t>(dz);
+      aa.c = ci;
+      aa.T = Ti;
+      aa.G = Gi;
+      aa.n = n;
+      aa.chunk = chunk;
+      aa.mean = mean.data_ptr<float>();
+      aa.rscale = rscale.data_ptr<float>();
+      aa.Wm = Wm.data_ptr<float>();
+      aa.M = M.data_ptr<float>();
+      aa.ysum = ysum.data_ptr<float>();
+      ex.template apply<scalar_t, CB, true>(nblk, Gi, aa);
+    });
+  });
+  if (weight.defined()) {
+    const auto wdt = weight_in.scalar_type();
+    dweight = dweight.view(weight_in.sizes()).to(wdt);
+    dbias = dbias.view(weight_in.sizes()).to(wdt);
+  }
+  return {dz_in, dweight, dbias};
+}
+
+}  // namespace small
+}  // namespace intl_kernels

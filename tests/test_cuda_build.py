@@ -1,0 +1,126 @@
+"""The CUDA extension without a GPU: compiled and registered (CPU, CUDA and fake kernels),
+shapes propagate through fake tensors, and the CPU-only build (INTL_KERNELS_SKIP_CUDA_BUILD=1)
+still builds and works."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import intl_kernels as ik
+from intl_kernels import _backends
+
+_C = pytest.importorskip("intl_kernels._C", reason="the C++ extension is not built")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPS = ("whiten_fwd", "whiten_bwd", "whiten_affine_fwd", "whiten_affine_bwd")
+
+
+def _setup_module():
+    spec = importlib.util.spec_from_file_location("intl_kernels_setup", os.path.join(ROOT, "setup.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cuda_kernels_built_where_setup_can_build_them():
+    """With torch built for CUDA and nvcc found, the build compiles the .cu files (as CI does)."""
+    if os.environ.get("INTL_KERNELS_SKIP_CUDA_BUILD", "0").strip() == "1":
+        pytest.skip("INTL_KERNELS_SKIP_CUDA_BUILD=1 in this environment")
+    reason = _setup_module()._cuda_disabled_reason(torch)
+    assert _C.cuda_built() == (reason is None), f"cuda_built()={_C.cuda_built()}, setup says: {reason}"
+
+
+def test_ops_registered_for_cpu_cuda_and_fake():
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    for op in OPS:
+        name = f"intl_kernels::{op}"
+        assert has(name, "CPU"), name
+        assert has(name, "CUDA") == _C.cuda_built(), name
+        assert torch._library.simple_registry.singleton.find(name).fake_impl.kernel is not None, name
+
+
+def test_fake_tensor_shapes_on_cuda_device():
+    """Shape, dtype, device and layout propagation of the ops for CUDA tensors, without a GPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=False):
+        x = torch.empty(8, 128, 5, 5, device="cuda", dtype=torch.bfloat16).to(
+            memory_format=torch.channels_last
+        )
+        z = x.flatten(2).unflatten(1, (2, 64)).permute(1, 2, 0, 3)
+        y, mean, rscale, tau, A, P, X = torch.ops.intl_kernels.whiten_fwd(z, 5, 1e-5, 200.0)
+        assert y.shape == z.shape and y.stride() == z.stride() and y.dtype == torch.bfloat16
+        assert y.device.type == "cuda"
+        assert mean.shape == (2, 64, 1) and rscale.shape == tau.shape == (2, 1, 1)
+        assert A.shape == (2, 64, 64) and P.shape == (5, 2, 64, 64) and X.shape == (4, 2, 64, 64)
+        assert all(t.dtype == torch.float32 for t in (mean, rscale, tau, A, P, X))
+        dz = torch.ops.intl_kernels.whiten_bwd(y, z, mean, rscale, tau, A, P, X, 200.0)
+        assert dz.shape == z.shape and dz.stride() == z.stride()
+        w = torch.empty(2, 64, device="cuda")
+        dz, dw, db = torch.ops.intl_kernels.whiten_affine_bwd(y, z, w, mean, rscale, tau, A, P, X, 200.0)
+        assert dw.shape == db.shape == w.shape
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU")
+def test_cuda_backend_unavailable_here_says_why():
+    assert "cuda" not in ik.available_backends()
+    with pytest.raises(
+        RuntimeError, match="backend 'cuda' is not available: .*(no CUDA device|built without)"
+    ):
+        ik.whiten(torch.randn(1, 4, 10), 5, backend="cuda")
+
+
+def test_cuda_backend_limits_are_declared():
+    assert _backends.MAX_ROWS["cuda"] == 128
+    assert _backends.DTYPES["cuda"] == (torch.float32, torch.bfloat16, torch.float16)
+    assert "cuda" in _backends.KNOWN
+
+
+@pytest.mark.slow
+def test_cpu_only_build_with_skip_flag(tmp_path):
+    """INTL_KERNELS_SKIP_CUDA_BUILD=1: a CPU-only extension that imports, runs the CPU op and
+    reports the cuda backend as not built."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(ROOT, name), src / name)
+    for name in ("csrc", "intl_kernels", "python_ref"):
+        shutil.copytree(
+            os.path.join(ROOT, name), src / name, ignore=shutil.ignore_patterns("*.so", "__pycache__")
+        )
+    env = dict(os.environ, INTL_KERNELS_SKIP_CUDA_BUILD="1", MAX_JOBS="2")
+    env.pop("CUDA_HOME", None)
+    build = subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--inplace"],
+        cwd=src,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    assert "building C++ CPU kernels only (INTL_KERNELS_SKIP_CUDA_BUILD=1)" in build.stdout
+    check = (
+        "import torch, intl_kernels as ik\n"
+        "from intl_kernels import _C, _backends\n"
+        f"assert _C.__file__.startswith({str(src)!r}), _C.__file__\n"
+        "assert not _C.cuda_built()\n"
+        "assert not torch._C._dispatch_has_kernel_for_dispatch_key('intl_kernels::whiten_fwd', 'CUDA')\n"
+        "assert 'cuda' not in ik.available_backends() and 'cpu' in ik.available_backends()\n"
+        "assert 'INTL_KERNELS_SKIP_CUDA_BUILD' in _backends._UNAVAILABLE_REASON['cuda']\n"
+        "z = torch.randn(2, 8, 50)\n"
+        "torch.testing.assert_close(ik.whiten(z, 5, backend='cpu'), ik.whiten(z, 5, backend='torch'))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", check],
+        cwd=src,
+        env=dict(os.environ, PYTHONPATH=str(src)),
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
