@@ -49,14 +49,14 @@ def spectrum(z: torch.Tensor) -> dict:
     }
 
 
-def _truncate_jsonl(path: Path, last_step: int) -> None:
-    """Keep the lines of a JSON-lines file whose ``step`` is at most ``last_step`` (after a resume)."""
+def truncate_jsonl(path: Path, last: int, key: str = "step") -> None:
+    """Keep the lines of a JSON-lines file whose ``key`` is at most ``last`` (after a resume)."""
     if not path.exists():
         return
     keep = []
     for line in path.read_text().splitlines():
         try:
-            if json.loads(line).get("step", 0) <= last_step:
+            if json.loads(line).get(key, 0) <= last:
                 keep.append(line)
         except json.JSONDecodeError:  # a line cut short by a kill
             continue
@@ -90,7 +90,7 @@ class StatsLogger:
         self.spectra = self.dir / "spectrum.jsonl"
         for p in (self.stats, self.spectra):
             if resume_step > 0:
-                _truncate_jsonl(p, resume_step)
+                truncate_jsonl(p, resume_step)
             elif p.exists():
                 p.unlink()
         self.writer = check_tensorboard()(log_dir=str(self.dir / "tb")) if tensorboard else None
