@@ -34,6 +34,7 @@ compile-check: install
 
 demo: install
 	$(PY) -m intl_kernels.demo
+	$(PY) -m train.demo
 
 bench: install
 	$(PY) -m bench.run_cpu
