@@ -1,34 +1,35 @@
-"""pytest-benchmark points of the CPU benchmark: ``pytest -m bench bench/`` (not in ``make test``).
+"""pytest-benchmark regression points on the CPU: ``pytest -m bench bench/`` (not part of ``make test``).
 
-providers × (N, D) ∈ {(256, 2048), (512, 2048)} × modes {fwd, full}, float32, T = 4;
-inputs and the upstream gradient are built outside the timed closure (bench.providers).
+Forward + backward, float32, at the goal shapes of C1 (channel whitening, (512, 2048)) and
+C2 (IterNorm layer, (32, 64, 56, 56)): the baseline and ours. Inputs are built by
+``bench.providers.make_case`` outside the timed call; ``.grad`` is reset before each call.
 """
 
 from __future__ import annotations
 
 import pytest
-import torch
 
-from bench.providers import ALL_PROVIDERS, MODES, make_iter_norm, providers
+from bench.harness import clear_grads
+from bench.providers import BASELINE, available, make_case
 
-PROVIDERS = [
-    pytest.param(
-        p,
-        marks=pytest.mark.skipif(
-            p not in providers(), reason=f"provider {p!r} unavailable (C++ extension not built)"
-        ),
-    )
-    for p in ALL_PROVIDERS
+POINTS = [("channel", (512, 2048)), ("layer", (32, 64, 56, 56))]
+CASES = [
+    pytest.param(op, shape, provider, id=f"{op}-{'x'.join(map(str, shape))}-{provider}")
+    for op, shape in POINTS
+    for provider in (BASELINE[op], "torch", "cpu")
+    if provider in available("cpu")
 ]
 
 
 @pytest.mark.bench
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("shape", [(256, 2048), (512, 2048)], ids=lambda s: f"N{s[0]}-D{s[1]}")
-@pytest.mark.parametrize("provider", PROVIDERS)
-def test_iter_norm_cpu(benchmark, provider, shape, mode):
-    N, D = shape
-    benchmark.group = f"iter_norm {mode} {N}x{D} float32"
-    benchmark.extra_info.update(op="iter_norm", provider=provider, mode=mode, shape=f"{N}x{D}", T=4)
-    fn = make_iter_norm(provider, N, D, torch.float32, mode)
-    benchmark.pedantic(fn, rounds=10, warmup_rounds=2)
+@pytest.mark.parametrize("op, shape, provider", CASES)
+def test_cpu_full(benchmark, op, shape, provider):
+    benchmark.group = f"{op} full {'x'.join(map(str, shape))} float32"
+    benchmark.extra_info.update(op=op, provider=provider, mode="full", shape=list(shape))
+    case = make_case(op, provider, shape, "float32", "full", "cpu")
+
+    def call():
+        clear_grads(case)
+        case.fn()
+
+    benchmark.pedantic(call, rounds=10, warmup_rounds=2)
