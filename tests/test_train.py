@@ -151,6 +151,14 @@ def test_mid_epoch_resume_and_truncated_checkpoint_falls_back_to_prev(tmp_path, 
     assert losses(exp) == expected
 
 
+def test_losses_do_not_depend_on_the_number_of_workers(tmp_path, folder, one_thread):
+    # Each sample's views are drawn from its own seed (run seed, epoch, index), wherever it is loaded.
+    common = ["--data", str(folder), "--batch-size", "8", "--max-steps", "3", *TINY]
+    pretrain.main([*common, "--exp-dir", str(tmp_path / "w0")])
+    pretrain.main([*common, "--exp-dir", str(tmp_path / "w2"), "--workers", "2"])
+    assert losses(tmp_path / "w2") == losses(tmp_path / "w0")
+
+
 def test_both_checkpoints_corrupt_is_an_error(tmp_path):
     for name in ("checkpoint.pth", "checkpoint.prev.pth"):
         (tmp_path / name).write_bytes(b"not a checkpoint")

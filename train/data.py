@@ -263,10 +263,6 @@ class ViewDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    @property
-    def targets(self) -> list[int]:
-        return [self.source.targets[i] for i in self.indices]
-
     def _load(self, index: int) -> tuple[object, int, int]:
         n = len(self.indices)
         for skipped in range(n):
@@ -314,11 +310,10 @@ class ResumableSampler(DistributedSampler):
         num_replicas: int,
         rank: int,
         batch_size: int,
-        shuffle: bool = True,
         seed: int = 0,
     ) -> None:
         super().__init__(
-            dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True
         )
         if self.num_samples < batch_size:
             raise ValueError(
@@ -347,7 +342,6 @@ def make_loader(
     workers: int,
     pin_memory: bool,
     sampler: torch.utils.data.Sampler | None = None,
-    shuffle: bool = False,
     drop_last: bool = False,
 ) -> DataLoader:
     """DataLoader with pinned memory on GPUs and persistent workers when there are workers."""
@@ -357,7 +351,6 @@ def make_loader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
-        shuffle=shuffle if sampler is None else False,
         num_workers=workers,
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
