@@ -98,9 +98,39 @@ struct ApplyShape {
   static constexpr int kSmem = CB * LDW + KW * LDX + 4 * CB;
 };
 
+// A thread's register tile of a 16 × 16 thread grid: entry (u, v) is row ty + 16u, column
+// tx + 16v of the block's tile (t = 16·ty + tx; strided so a warp reads distinct banks).
 template <int R, int C>
 struct Regs {
   float v[R][C];
+
+  INTL_HD void zero() {
+    INTL_UNROLL for (int u = 0; u < R; ++u) INTL_UNROLL for (int w = 0; w < C; ++w) v[u][w] = 0.0f;
+  }
+  INTL_HD void scale(float f) {
+    INTL_UNROLL for (int u = 0; u < R; ++u) INTL_UNROLL for (int w = 0; w < C; ++w) v[u][w] *= f;
+  }
+  // f(i, j, value) for the entries with i < rows and j < cols.
+  template <class F>
+  INTL_HD void each_entry(int t, int rows, int cols, F&& f) const {
+    const int ty = t / 16, tx = t % 16;
+    INTL_UNROLL for (int u = 0; u < R; ++u) INTL_UNROLL for (int w = 0; w < C; ++w) {
+      const int i = ty + 16 * u, j = tx + 16 * w;
+      if (i < rows && j < cols) f(i, j, v[u][w]);
+    }
+  }
+  // v += L·R over k < K, L row-major [row][k] (leading dimension ldl), and R either
+  // [k][col] (ldr; kTransR = false) or [col][k] (ldr; kTransR = true).
+  template <bool kTransR>
+  INTL_HD void mma(int t, const float* L, int ldl, const float* Rm, int ldr, int K) {
+    const int ty = t / 16, tx = t % 16;
+    for (int k = 0; k < K; ++k) {
+      float a[R], b[C];
+      INTL_UNROLL for (int u = 0; u < R; ++u) a[u] = L[(ty + 16 * u) * ldl + k];
+      INTL_UNROLL for (int w = 0; w < C; ++w) b[w] = kTransR ? Rm[(tx + 16 * w) * ldr + k] : Rm[k * ldr + tx + 16 * w];
+      INTL_UNROLL for (int u = 0; u < R; ++u) INTL_UNROLL for (int w = 0; w < C; ++w) v[u][w] += a[u] * b[w];
+    }
+  }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -181,9 +211,7 @@ INTL_HD void block_mm(Block& blk, float* sm, const float* L, const float* R, int
   float* Ls = sm;                    // [CB][BK + 1]
   float* Rs = sm + CB * (BK + 1);    // [BK][CB]
   typename Block::template Local<Regs<RT, RT>> acc;
-  blk.each([&](int t) {
-    INTL_UNROLL for (int u = 0; u < RT; ++u) INTL_UNROLL for (int v = 0; v < RT; ++v) acc[t].v[u][v] = 0.0f;
-  });
+  blk.each([&](int t) { acc[t].zero(); });
   blk.sync();
   for (int k0 = 0; k0 < c; k0 += BK) {
     blk.each([&](int t) {
@@ -195,24 +223,10 @@ INTL_HD void block_mm(Block& blk, float* sm, const float* L, const float* R, int
       }
     });
     blk.sync();
-    blk.each([&](int t) {
-      const int ty = t / 16, tx = t % 16;
-      for (int kk = 0; kk < BK; ++kk) {
-        float a[RT], b[RT];
-        INTL_UNROLL for (int u = 0; u < RT; ++u) a[u] = Ls[(ty + 16 * u) * (BK + 1) + kk];
-        INTL_UNROLL for (int v = 0; v < RT; ++v) b[v] = Rs[kk * CB + tx + 16 * v];
-        INTL_UNROLL for (int u = 0; u < RT; ++u) INTL_UNROLL for (int v = 0; v < RT; ++v) acc[t].v[u][v] += a[u] * b[v];
-      }
-    });
+    blk.each([&](int t) { acc[t].template mma<false>(t, Ls, BK + 1, Rs, CB, BK); });
     blk.sync();
   }
-  blk.each([&](int t) {
-    const int ty = t / 16, tx = t % 16;
-    INTL_UNROLL for (int u = 0; u < RT; ++u) INTL_UNROLL for (int v = 0; v < RT; ++v) {
-      const int i = ty + 16 * u, j = tx + 16 * v;
-      if (i < c && j < c) epi(i, j, acc[t].v[u][v]);
-    }
-  });
+  blk.each([&](int t) { acc[t].each_entry(t, c, c, epi); });
   blk.sync();
 }
 
@@ -256,7 +270,7 @@ INTL_HD void stats_body(Block& blk, int bx, int g, float* sm, const StatsArgs<sc
   typename Block::template Local<float> rsum;
   typename Block::template Local<int> eb;
   blk.each([&](int t) {
-    INTL_UNROLL for (int u = 0; u < RT; ++u) INTL_UNROLL for (int v = 0; v < RT; ++v) acc[t].v[u][v] = 0.0f;
+    acc[t].zero();
     rsum[t] = 0.0f;
     eb[t] = kNoExp;
     if (t < c) z0s[t] = static_cast<float>(a.z.ptr[a.z.offset(g, t, 0)]);
@@ -289,8 +303,8 @@ INTL_HD void stats_body(Block& blk, int bx, int g, float* sm, const StatsArgs<sc
       const int et = exp_of_bits(*tile_bits);
       const int eo = eb[t], en = imax(eo, et);
       if (eo != kNoExp && en != eo) {
-        const float f = pow2(eo - en), f2 = f * f;
-        INTL_UNROLL for (int u = 0; u < RT; ++u) INTL_UNROLL for (int v = 0; v < RT; ++v) acc[t].v[u][v] *= f2;
+        const float f = pow2(eo - en);
+        acc[t].scale(f * f);
         if (t < c) {
           rsum[t] *= f;
           pivot[t] *= f;
@@ -320,25 +334,15 @@ INTL_HD void stats_body(Block& blk, int bx, int g, float* sm, const StatsArgs<sc
     // Gram matrix of the centred tile.
     blk.each([&](int t) {
       if (t == 0) *tile_bits = 0;
-      const int ty = t / 16, tx = t % 16;
-      for (int k = 0; k < TN; ++k) {
-        float x[RT], y[RT];
-        INTL_UNROLL for (int u = 0; u < RT; ++u) x[u] = tile[(ty + 16 * u) * LD + k];
-        INTL_UNROLL for (int v = 0; v < RT; ++v) y[v] = tile[(tx + 16 * v) * LD + k];
-        INTL_UNROLL for (int u = 0; u < RT; ++u) INTL_UNROLL for (int v = 0; v < RT; ++v) acc[t].v[u][v] += x[u] * y[v];
-      }
+      acc[t].template mma<true>(t, tile, LD, tile, LD, TN);
     });
     blk.sync();
   }
 
   const int64_t pb = static_cast<int64_t>(g) * a.nblk + bx;
+  float* q = a.part_q + pb * c * c;
   blk.each([&](int t) {
-    const int ty = t / 16, tx = t % 16;
-    float* q = a.part_q + pb * c * c;
-    INTL_UNROLL for (int u = 0; u < RT; ++u) INTL_UNROLL for (int v = 0; v < RT; ++v) {
-      const int i = ty + 16 * u, j = tx + 16 * v;
-      if (i < c && j < c) q[i * c + j] = acc[t].v[u][v];
-    }
+    acc[t].each_entry(t, c, c, [&](int i, int j, float v) { q[i * c + j] = v; });
     if (t < c) {
       a.part_v[pb * 2 * c + t] = pivot[t];
       a.part_v[pb * 2 * c + c + t] = rsum[t];
@@ -509,7 +513,8 @@ template <typename scalar_t, int CB, bool BWD, class Block>
 INTL_HD void apply_body(Block& blk, int bx, int g, float* sm, const ApplyArgs<scalar_t>& a) {
   using Shape = ApplyShape<CB, BWD>;
   constexpr int KW = Shape::KW, TN = Shape::TN, LDW = Shape::LDW, LDX = Shape::LDX;
-  constexpr int RT = CB / 16, CT = (TN + 15) / 16;
+  constexpr int RT = CB / 16, CT = TN / 16;
+  static_assert(TN % 16 == 0, "apply tiles are a multiple of the 16-wide thread grid");
   float* Wsm = sm;                       // [CB][LDW]
   float* Xt = Wsm + CB * LDW;            // [KW][LDX]; reused for the output tile
   float* zs0 = Xt + KW * LDX;            // scaled first column
@@ -572,25 +577,12 @@ INTL_HD void apply_body(Block& blk, int bx, int g, float* sm, const ApplyArgs<sc
     blk.sync();
     typename Block::template Local<Regs<RT, CT>> acc;
     blk.each([&](int t) {
-      const int ty = t / 16, tx = t % 16;
-      INTL_UNROLL for (int u = 0; u < RT; ++u) INTL_UNROLL for (int v = 0; v < CT; ++v) acc[t].v[u][v] = 0.0f;
-      if (tx >= TN) return;
-      for (int q = 0; q < KW; ++q) {
-        float w[RT], x[CT];
-        INTL_UNROLL for (int u = 0; u < RT; ++u) w[u] = Wsm[(ty + 16 * u) * LDW + q];
-        INTL_UNROLL for (int v = 0; v < CT; ++v) x[v] = Xt[q * LDX + tx + 16 * v];
-        INTL_UNROLL for (int u = 0; u < RT; ++u) INTL_UNROLL for (int v = 0; v < CT; ++v) acc[t].v[u][v] += w[u] * x[v];
-      }
+      acc[t].zero();
+      acc[t].template mma<false>(t, Wsm, LDW, Xt, LDX, KW);
     });
     blk.sync();
     blk.each([&](int t) {
-      const int ty = t / 16, tx = t % 16;
-      if (tx >= TN) return;
-      INTL_UNROLL for (int u = 0; u < RT; ++u) INTL_UNROLL for (int v = 0; v < CT; ++v) {
-        const int i = ty + 16 * u;
-        const float y = acc[t].v[u][v];
-        Xt[i * LDX + tx + 16 * v] = BWD ? y * rs : y + bias[i];
-      }
+      acc[t].each_entry(t, CB, TN, [&](int i, int k, float y) { Xt[i * LDX + k] = BWD ? y * rs : y + bias[i]; });
     });
     blk.sync();
     blk.each([&](int t) {
@@ -637,7 +629,7 @@ INTL_HD void dstats_body(Block& blk, int bx, int g, float* sm, const DStatsArgs<
   typename Block::template Local<Regs<RT, RT>> acc;
   typename Block::template Local<float> rsum;
   blk.each([&](int t) {
-    INTL_UNROLL for (int u = 0; u < RT; ++u) INTL_UNROLL for (int v = 0; v < RT; ++v) acc[t].v[u][v] = 0.0f;
+    acc[t].zero();
     rsum[t] = 0.0f;
     if (t < CB) {
       zs0[t] = t < c ? static_cast<float>(a.z.ptr[a.z.offset(g, t, 0)]) * rs : 0.0f;
@@ -662,13 +654,7 @@ INTL_HD void dstats_body(Block& blk, int bx, int g, float* sm, const DStatsArgs<
     });
     blk.sync();
     blk.each([&](int t) {
-      const int ty = t / 16, tx = t % 16;
-      for (int k = 0; k < TN; ++k) {
-        float y[RT], x[RT];
-        INTL_UNROLL for (int u = 0; u < RT; ++u) y[u] = Yt[(ty + 16 * u) * LD + k];
-        INTL_UNROLL for (int v = 0; v < RT; ++v) x[v] = Zt[(tx + 16 * v) * LD + k];
-        INTL_UNROLL for (int u = 0; u < RT; ++u) INTL_UNROLL for (int v = 0; v < RT; ++v) acc[t].v[u][v] += y[u] * x[v];
-      }
+      acc[t].template mma<true>(t, Yt, LD, Zt, LD, TN);
       if (t < c) {
         float s = 0.0f;
         for (int k = 0; k < valid; ++k) s += Yt[t * LD + k];
@@ -678,13 +664,9 @@ INTL_HD void dstats_body(Block& blk, int bx, int g, float* sm, const DStatsArgs<
     blk.sync();
   }
   const int64_t pb = static_cast<int64_t>(g) * a.nblk + bx;
+  float* q = a.part_q + pb * c * c;
   blk.each([&](int t) {
-    const int ty = t / 16, tx = t % 16;
-    float* q = a.part_q + pb * c * c;
-    INTL_UNROLL for (int u = 0; u < RT; ++u) INTL_UNROLL for (int v = 0; v < RT; ++v) {
-      const int i = ty + 16 * u, j = tx + 16 * v;
-      if (i < c && j < c) q[i * c + j] = acc[t].v[u][v];
-    }
+    acc[t].each_entry(t, c, c, [&](int i, int j, float v) { q[i * c + j] = v; });
     if (t < c) a.part_v[pb * c + t] = rsum[t];
   });
 }

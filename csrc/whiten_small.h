@@ -92,6 +92,24 @@ inline at::Tensor check_affine(const char* op, const char* name, const at::Tenso
   return t.reshape({G, c}).to(at::kFloat).contiguous();
 }
 
+// The arguments both apply passes share.
+template <typename scalar_t>
+blocks::ApplyArgs<scalar_t> apply_args(const at::Tensor& z4, at::Tensor& out4, int64_t T, int64_t n, int64_t chunk,
+                                       const at::Tensor& mean, const at::Tensor& rscale) {
+  blocks::ApplyArgs<scalar_t> a{};
+  a.z = strided<const scalar_t>(z4);
+  a.dy = a.z;
+  a.out = strided<scalar_t>(out4);
+  a.c = static_cast<int>(z4.size(1));
+  a.T = static_cast<int>(T);
+  a.G = static_cast<int>(z4.size(0));
+  a.n = n;
+  a.chunk = chunk;
+  a.mean = mean.data_ptr<float>();
+  a.rscale = rscale.data_ptr<float>();
+  return a;
+}
+
 // Forward. Returns {y, mean, rscale, tau, A, P, X} (the contract of the torch backend).
 template <class Exec>
 std::vector<at::Tensor> whiten_fwd(Exec& ex, const char* op, const at::Tensor& z_in, const at::Tensor& weight_in,
@@ -147,17 +165,7 @@ std::vector<at::Tensor> whiten_fwd(Exec& ex, const char* op, const at::Tensor& z
                             tau.data_ptr<float>(), P.data_ptr<float>(), T > 1 ? X.data_ptr<float>() : nullptr,
                             tmp.data_ptr<float>()};
       ex.template newton<CB>(1, Gi, na);
-      blocks::ApplyArgs<scalar_t> aa{};
-      aa.z = strided<const scalar_t>(z);
-      aa.dy = aa.z;
-      aa.out = strided<scalar_t>(y);
-      aa.c = ci;
-      aa.T = Ti;
-      aa.G = Gi;
-      aa.n = n;
-      aa.chunk = chunk;
-      aa.mean = mean.data_ptr<float>();
-      aa.rscale = rscale.data_ptr<float>();
+      auto aa = apply_args<scalar_t>(z, y, T, n, chunk, mean, rscale);
       aa.tau = tau.data_ptr<float>();
       aa.P = P.data_ptr<float>();
       aa.weight = weight.defined() ? weight.data_ptr<float>() : nullptr;
@@ -233,17 +241,8 @@ std::vector<at::Tensor> whiten_bwd(Exec& ex, const char* op, const at::Tensor& d
                              dweight.defined() ? dweight.data_ptr<float>() : nullptr,
                              dbias.defined() ? dbias.data_ptr<float>() : nullptr};
       ex.template adjoint<CB>(1, Gi, ja);
-      blocks::ApplyArgs<scalar_t> aa{};
-      aa.z = strided<const scalar_t>(z);
+      auto aa = apply_args<scalar_t>(z, dz, T, n, chunk, mean, rscale);
       aa.dy = strided<const scalar_t>(dy);
-      aa.out = strided<scalar_t>(dz);
-      aa.c = ci;
-      aa.T = Ti;
-      aa.G = Gi;
-      aa.n = n;
-      aa.chunk = chunk;
-      aa.mean = mean.data_ptr<float>();
-      aa.rscale = rscale.data_ptr<float>();
       aa.Wm = Wm.data_ptr<float>();
       aa.M = M.data_ptr<float>();
       aa.ysum = ysum.data_ptr<float>();

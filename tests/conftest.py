@@ -66,6 +66,33 @@ def assert_tolerance_rule(fast, ref_lowp, ref64, atol: float, what: str) -> None
     )
 
 
+# atol of the tolerance rule for whiten outputs and gradients: a few float32 ulps of O(1)
+# values; half inputs compare after the output rounding, which the reference at input
+# precision also pays.
+WHITEN_ATOL = {torch.float32: 1e-5, torch.bfloat16: 0.0, torch.float16: 0.0}
+
+
+def output_and_grad(fn, z: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fn(z), the gradient of ⟨fn(z), dy⟩ with respect to z), both detached."""
+    z = z.detach().requires_grad_()
+    y = fn(z)
+    (dz,) = torch.autograd.grad(y, z, dy)
+    return y.detach(), dz
+
+
+def check_whiten_against_reference(fn, z, dy, T: int, eps: float, divisor: float, what: str = "") -> None:
+    """``fn`` (a whiten implementation of z) against ``python_ref.whiten_ref`` at z's
+    precision and upcast to float64, under the tolerance rule, for Y and dZ."""
+    from python_ref import whiten_ref
+
+    y, dz = output_and_grad(fn, z, dy)
+    y_lp, dz_lp = output_and_grad(lambda t: whiten_ref(t, T, eps=eps, divisor=divisor), z, dy)
+    y64, dz64 = output_and_grad(lambda t: whiten_ref(t, T, eps=eps, divisor=divisor, upcast=True), z, dy)
+    atol = WHITEN_ATOL[z.dtype]
+    assert_tolerance_rule(y, y_lp, y64.to(z.dtype), atol, what + "y")
+    assert_tolerance_rule(dz, dz_lp, dz64.to(z.dtype), atol, what + "dz")
+
+
 # Property tests: a fixed example sequence in CI (a red run must be reproducible), fresh
 # random examples on developer machines (where they keep finding new corners).
 settings.register_profile("ci", derandomize=True, print_blob=True)

@@ -13,27 +13,18 @@ import sys
 
 import pytest
 import torch
-from conftest import assert_tolerance_rule
+from conftest import check_whiten_against_reference, output_and_grad
 
 import intl_kernels as ik
-from python_ref import whiten_ref
 
 pytestmark = pytest.mark.cuda
 DEV = "cuda"
-ATOL = {torch.float32: 1e-5, torch.bfloat16: 0.0, torch.float16: 0.0}
 
 
 @pytest.fixture(autouse=True)
 def _needs_cuda_backend():
     if torch.cuda.is_available() and "cuda" not in ik.available_backends():
         pytest.fail("a GPU is present but the cuda backend is not available: rebuild the extension with nvcc")
-
-
-def _grads(fn, z, dy):
-    z = z.detach().requires_grad_()
-    y = fn(z)
-    (dz,) = torch.autograd.grad(y, z, dy)
-    return y.detach(), dz
 
 
 def _inputs(shape, dtype, seed):
@@ -44,26 +35,22 @@ def _inputs(shape, dtype, seed):
     return z.to(dtype), dy.to(dtype)
 
 
-def _check(z, dy, T, eps, divisor, what=""):
-    y, dz = _grads(lambda t: ik.whiten(t, T, eps=eps, divisor=divisor, backend="cuda"), z, dy)
-    y_lp, dz_lp = _grads(lambda t: whiten_ref(t, T, eps=eps, divisor=divisor), z, dy)
-    y64, dz64 = _grads(lambda t: whiten_ref(t, T, eps=eps, divisor=divisor, upcast=True), z, dy)
-    assert_tolerance_rule(y, y_lp, y64.to(z.dtype), ATOL[z.dtype], what + "y")
-    assert_tolerance_rule(dz, dz_lp, dz64.to(z.dtype), ATOL[z.dtype], what + "dz")
+def _whiten(T, eps, divisor):
+    return lambda t: ik.whiten(t, T, eps=eps, divisor=divisor, backend="cuda")
 
 
-@pytest.mark.parametrize(
-    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
-)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SIZES = {"n2": (1, 2), "n1e3": (4, 1000), "G64": (64, 3000), "n1e6": (2, 1_000_000)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("c", [2, 16, 32, 64, 65, 128])
-@pytest.mark.parametrize(
-    "G,n", [(1, 2), (4, 1000), (64, 3000), (2, 1_000_000)], ids=["n2", "n1e3", "G64", "n1e6"]
-)
+@pytest.mark.parametrize("G,n", SIZES.values(), ids=SIZES.keys())
 def test_matches_reference(c, G, n, dtype):
     if n == 1_000_000 and c > 64 and dtype != torch.float32:
         pytest.skip("float32 covers the largest c at n = 1e6")
     z, dy = _inputs((G, c, n), dtype, c + G)
-    _check(z, dy, 5, 1e-5, float(n))
+    check_whiten_against_reference(_whiten(5, 1e-5, float(n)), z, dy, 5, 1e-5, float(n))
 
 
 LAYER_SHAPES = {"stage1": (256, 64, 56), "stage4": (32, 2048, 7), "odd": (8, 130, 3)}
@@ -75,9 +62,7 @@ def _group_view(x, G, c):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize(
-    "N,C,H", [(256, 64, 56), (32, 2048, 7), (8, 130, 3)], ids=["stage1", "stage4", "odd"]
-)
+@pytest.mark.parametrize("N,C,H", LAYER_SHAPES.values(), ids=LAYER_SHAPES.keys())
 def test_layer_layouts_match_reference(N, C, H, layout, dtype):
     """The IterNorm layer's (G, c, N, H·W) group views, read in place, against the reference."""
     g = torch.Generator(device=DEV).manual_seed(C)
@@ -89,14 +74,7 @@ def test_layer_layouts_match_reference(N, C, H, layout, dtype):
     z, dy = _group_view(x, C // c, c), _group_view(d, C // c, c)
     n = float(N * H * H)
 
-    def run(fn):
-        return _grads(lambda t: fn(t.flatten(2)), z, dy.flatten(2))
-
-    y, dz = run(lambda t: ik.whiten(t, 5, eps=1e-5, divisor=n, backend="cuda"))
-    y_lp, dz_lp = run(lambda t: whiten_ref(t, 5, eps=1e-5, divisor=n))
-    y64, dz64 = run(lambda t: whiten_ref(t, 5, eps=1e-5, divisor=n, upcast=True))
-    assert_tolerance_rule(y, y_lp, y64.to(dtype), ATOL[dtype], "y")
-    assert_tolerance_rule(dz, dz_lp, dz64.to(dtype), ATOL[dtype], "dz")
+    check_whiten_against_reference(_whiten(5, 1e-5, n), z.flatten(2), dy.flatten(2), 5, 1e-5, n)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -130,7 +108,7 @@ def test_iternorm_layer_matches_torch_backend(layout):
 
 def test_deterministic():
     z, dy = _inputs((8, 64, 200_000), torch.float32, 1)
-    runs = [_grads(lambda t: ik.whiten(t, 5, eps=1e-5, divisor=2e5, backend="cuda"), z, dy) for _ in range(2)]
+    runs = [output_and_grad(_whiten(5, 1e-5, 2e5), z, dy) for _ in range(2)]
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 

@@ -13,18 +13,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_tolerance_rule, describe_error
+from conftest import check_whiten_against_reference, describe_error
 
 import intl_kernels as ik
 from intl_kernels.whiten import _whiten_bwd_torch, _whiten_fwd_torch
-from python_ref import whiten_ref
 
 _C = pytest.importorskip("intl_kernels._C", reason="the C++ extension is not built")
 OPS = torch.ops.intl_kernels
-
-# atol of the tolerance rule: a few float32 ulps of O(1) outputs; half inputs compare after
-# the output rounding, which the reference at input precision also pays.
-ATOL = {torch.float32: 1e-5, torch.bfloat16: 0.0, torch.float16: 0.0}
 
 
 class _Emulated(torch.autograd.Function):
@@ -48,13 +43,6 @@ def emulated(z, T, eps=0.0, divisor=None, chunk=64, reverse=False):
     return _Emulated.apply(z, T, eps, divisor, chunk, reverse)
 
 
-def _grads(fn, z, dy):
-    z = z.detach().requires_grad_()
-    y = fn(z)
-    (dz,) = torch.autograd.grad(y, z, dy)
-    return y.detach(), dz
-
-
 def _inputs(shape, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(shape, generator=g) * torch.rand(shape[:2] + (1,), generator=g).add(0.5) + 0.3
@@ -62,12 +50,8 @@ def _inputs(shape, dtype, seed):
     return z.to(dtype), dy.to(dtype)
 
 
-def _check(z, dy, T, eps, divisor, chunk=64, what=""):
-    y, dz = _grads(lambda t: emulated(t, T, eps, divisor, chunk), z, dy)
-    y_lp, dz_lp = _grads(lambda t: whiten_ref(t, T, eps=eps, divisor=divisor), z, dy)
-    y64, dz64 = _grads(lambda t: whiten_ref(t, T, eps=eps, divisor=divisor, upcast=True), z, dy)
-    assert_tolerance_rule(y, y_lp, y64.to(z.dtype), ATOL[z.dtype], what + "y")
-    assert_tolerance_rule(dz, dz_lp, dz64.to(z.dtype), ATOL[z.dtype], what + "dz")
+def _check(z, dy, T, eps, divisor, chunk=64):
+    check_whiten_against_reference(lambda t: emulated(t, T, eps, divisor, chunk), z, dy, T, eps, divisor)
 
 
 # (G, r, n): every row bucket (32, 64, 128), odd sizes, r > n (rank deficient), one and

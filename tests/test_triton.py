@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TRITON_DEVICE, assert_tolerance_rule, describe_error, needs_triton
+from conftest import (
+    TRITON_DEVICE,
+    WHITEN_ATOL,
+    assert_tolerance_rule,
+    check_whiten_against_reference,
+    describe_error,
+    needs_triton,
+    output_and_grad,
+)
 
 import intl_kernels as ik
 from intl_kernels import _backends
-from python_ref import iter_norm_ref, whiten_ref
+from python_ref import iter_norm_ref
 
 pytestmark = needs_triton
 DEV = TRITON_DEVICE
 
-# atol of the tolerance rule: a few float32 ulps of O(1) outputs; half inputs compare
-# after the output rounding, which the reference at input precision also pays.
-ATOL = {torch.float32: 1e-5, torch.bfloat16: 0.0, torch.float16: 0.0}
+ATOL = WHITEN_ATOL
 
 # (G, r, n): odd sizes, r > n (rank deficient), G = 1 and 3, one and several gram tiles
 # (64-row tiles), the one-program Newton path (r <= 128) and the tiled one (r = 130).
@@ -35,13 +41,6 @@ SHAPES = {
 }
 
 
-def _grads(fn, z, dy):
-    z = z.detach().requires_grad_()
-    y = fn(z)
-    (dz,) = torch.autograd.grad(y, z, dy)
-    return y.detach(), dz
-
-
 def _inputs(shape, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(shape, generator=g) * torch.rand(shape[:2] + (1,), generator=g).add(0.5) + 0.3
@@ -50,11 +49,8 @@ def _inputs(shape, dtype, seed):
 
 
 def _check_against_reference(z, dy, T, eps, divisor, what=""):
-    y, dz = _grads(lambda t: ik.whiten(t, T, eps=eps, divisor=divisor, backend="triton"), z, dy)
-    y_lp, dz_lp = _grads(lambda t: whiten_ref(t, T, eps=eps, divisor=divisor), z, dy)
-    y64, dz64 = _grads(lambda t: whiten_ref(t, T, eps=eps, divisor=divisor, upcast=True), z, dy)
-    assert_tolerance_rule(y, y_lp, y64.to(z.dtype), ATOL[z.dtype], what + "y")
-    assert_tolerance_rule(dz, dz_lp, dz64.to(z.dtype), ATOL[z.dtype], what + "dz")
+    fn = lambda t: ik.whiten(t, T, eps=eps, divisor=divisor, backend="triton")  # noqa: E731
+    check_whiten_against_reference(fn, z, dy, T, eps, divisor, what)
 
 
 @pytest.mark.parametrize("T,eps", [(4, 0.0), (5, 1e-3), (1, 0.0), (2, 0.0)], ids=["T4", "T5-eps", "T1", "T2"])
@@ -83,9 +79,9 @@ def test_whiten_half_matches_reference(shape, dtype):
 def test_iter_norm_matches_reference(shape):
     torch.manual_seed(1)
     x, dy = torch.randn(shape).to(DEV), torch.randn(shape).to(DEV)
-    y, dx = _grads(lambda t: ik.iter_norm(t, backend="triton"), x, dy)
-    y_lp, dx_lp = _grads(iter_norm_ref, x, dy)
-    y64, dx64 = _grads(lambda t: iter_norm_ref(t, upcast=True), x, dy)
+    y, dx = output_and_grad(lambda t: ik.iter_norm(t, backend="triton"), x, dy)
+    y_lp, dx_lp = output_and_grad(iter_norm_ref, x, dy)
+    y64, dx64 = output_and_grad(lambda t: iter_norm_ref(t, upcast=True), x, dy)
     assert y.shape == x.shape and y.device == x.device
     assert_tolerance_rule(y, y_lp, y64.float(), ATOL[torch.float32], "y")
     assert_tolerance_rule(dx, dx_lp, dx64.float(), ATOL[torch.float32], "dx")
@@ -122,12 +118,12 @@ def test_split_k_partials_are_deterministic_and_correct(monkeypatch):
 
     shape = (2, 20, 1300)
     z, dy = _inputs(shape, torch.float32, 6)
-    unsplit = _grads(lambda t: ik.whiten(t, 4, backend="triton"), z, dy)
+    unsplit = output_and_grad(lambda t: ik.whiten(t, 4, backend="triton"), z, dy)
     monkeypatch.setattr(tw, "_MIN_SPLIT_COLUMNS", 128)
     n_split, chunk = tw._split_k(1300, 2, z.device, None)
     assert n_split > 1 and (n_split - 1) * chunk < 1300 <= n_split * chunk
-    split = _grads(lambda t: ik.whiten(t, 4, backend="triton"), z, dy)
-    again = _grads(lambda t: ik.whiten(t, 4, backend="triton"), z, dy)
+    split = output_and_grad(lambda t: ik.whiten(t, 4, backend="triton"), z, dy)
+    again = output_and_grad(lambda t: ik.whiten(t, 4, backend="triton"), z, dy)
     for a, b in zip(split, again, strict=True):
         assert torch.equal(a, b), "split-K results differ between two identical runs"
     _check_against_reference(z, dy, 4, 0.0, 1299.0, "split-K ")
@@ -166,10 +162,10 @@ def test_noncontiguous_inputs_read_by_strides(make):
     z, dy = _inputs((2, 9, 31), torch.float32, 2)
     zn = make(z)
     assert not zn.is_contiguous() and torch.equal(zn, z)
-    y, dz = _grads(lambda t: ik.whiten(t, 4, backend="triton"), z, dy)
-    yn, dzn = _grads(lambda t: ik.whiten(t, 4, backend="triton"), zn, dy)
+    y, dz = output_and_grad(lambda t: ik.whiten(t, 4, backend="triton"), z, dy)
+    yn, dzn = output_and_grad(lambda t: ik.whiten(t, 4, backend="triton"), zn, dy)
     dyn = make(dy)
-    yn2, dzn2 = _grads(lambda t: ik.whiten(t, 4, backend="triton"), zn, dyn)
+    yn2, dzn2 = output_and_grad(lambda t: ik.whiten(t, 4, backend="triton"), zn, dyn)
     for a, b in ((yn, y), (dzn, dz), (yn2, y), (dzn2, dz)):
         assert torch.equal(a, b), describe_error(a, b)
 
