@@ -127,9 +127,11 @@ def plots(rows: list[dict], stem: Path) -> list[Path]:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
     except ImportError:
         print(NO_MATPLOTLIB, file=sys.stderr)
         return []
+    times = FuncFormatter(lambda v, _: f"{v:.3g}x")
     written = []
     for op in _ordered(r["op"] for r in rows):
         sub = [r for r in rows if r["op"] == op]
@@ -153,6 +155,10 @@ def plots(rows: list[dict], stem: Path) -> list[Path]:
                             ys.append(base / t)
                     ax.plot(xs, ys, marker="o", label=p, linestyle="--" if p == BASELINE[op] else "-")
                 ax.set_yscale("log")
+                ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 7.0)))
+                ax.yaxis.set_minor_locator(NullLocator())
+                ax.yaxis.set_major_formatter(times)
+                ax.tick_params(axis="y", labelsize=7)
                 ax.set_xticks(range(len(shapes)), shapes, rotation=45, ha="right", fontsize=7)
                 ax.set_title(f"{dtype}, {mode}", fontsize=9)
                 ax.set_ylabel(f"speed-up vs {BASELINE[op]}", fontsize=8)
