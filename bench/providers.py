@@ -128,7 +128,7 @@ def runs(provider: str, op: str, dtype: str, shape: tuple[int, ...]) -> bool:
     runs the shapes within it only: N rows for channel and crops, 64 for the layer.
     """
     p = PROVIDERS[provider]
-    if op not in p.ops or dtype not in p.dtypes:
+    if op not in p.ops or dtype not in p.dtypes or (op == "newton" and dtype != "float32"):
         return False
     limit = getattr(_backends, "MAX_ROWS", {}).get(provider)
     rows = GROUP if op == "layer" else shape[-2] if op in ("channel", "crops") else shape[0]

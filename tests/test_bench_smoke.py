@@ -3,6 +3,7 @@ promises, on tiny CPU inputs. No timing is judged here."""
 
 from __future__ import annotations
 
+import collections
 import csv
 import json
 import re
@@ -89,6 +90,33 @@ def test_run_gpu_without_cuda_says_how_to_smoke_test(capsys):
     with pytest.raises(SystemExit):
         run_gpu.main([])
     assert "--device cuda: no CUDA device here (--device cpu" in capsys.readouterr().err
+
+
+def test_full_grid_points():
+    """The GPU grid: every provider at its workloads and dtypes, compiled at the P1 shape only,
+    cuda within its 128-row limit, the Newton part in float32 forward only."""
+    names = ["official", "official_amp", "compiled", "eigh_zca", "cholesky", "iternorm_pytorch", "batchnorm"]
+    names += ["cublas", "torch", "triton", "cuda"]
+    pts = harness.points(
+        harness.GRIDS["full"], providers.OPS, ("float32", "bfloat16"), providers.MODES, names
+    )
+    count = collections.Counter((pt[0], pt[4]) for pt in pts)
+    # channel: 14 shapes x 3 modes, x 2 dtypes where bf16 runs; cuda: N in {64, 128}
+    assert count["channel", "official"] == count["channel", "triton"] == 84
+    assert count["channel", "official_amp"] == count["channel", "eigh_zca"] == 42
+    assert count["channel", "compiled"] == 3 and count["channel", "cuda"] == 24
+    assert {s[:1] for op, _, s, _, p in pts if (op, p) == ("channel", "cuda")} == {(64,), (128,)}
+    assert (
+        count["crops", "official"] == 6 and count["crops", "cholesky"] == 3 and ("crops", "cuda") not in count
+    )
+    assert count["layer", "iternorm_pytorch"] == count["layer", "cuda"] == 30  # 5 shapes x 2 dtypes x 3 modes
+    assert sorted((s, p) for op, d, s, m, p in pts if op == "newton") == [
+        ((256,), "cublas"),
+        ((256,), "triton"),
+        ((4096,), "cublas"),
+        ((4096,), "triton"),
+    ]
+    assert {(d, m) for op, d, _, m, _ in pts if op == "newton"} == {("float32", "fwd")}
 
 
 def _channel_outputs(provider, x, dy):
