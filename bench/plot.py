@@ -115,7 +115,7 @@ def markdown(rows: list[dict], goals: dict[str, dict], note: str = "") -> str:
                 f"{g['ratio']:.2f}x | {g['goal']:.2f}x | {verdict(g)} |"
             )
     missing = [k for k, g in goals.items() if g["met"] is None]
-    if missing:
+    if measured and missing:
         out += ["", "Not measured in this run: " + ", ".join(missing) + "."]
     return "\n".join(out)
 
@@ -173,16 +173,17 @@ def plots(rows: list[dict], stem: Path) -> list[Path]:
     return written
 
 
-def report(csv_path: Path) -> list[Path]:
+def report(csv_path: Path, note: str | None = None) -> list[Path]:
     """Writes ``<stem>.md`` and the PNGs for one result CSV; returns the paths written.
 
-    The note comes from the goals JSON beside the CSV (``<stem>-goals.json``) when present;
-    the goals are recomputed from the CSV.
+    The note, unless given, comes from the goals JSON beside the CSV (``<stem>-goals.json``)
+    when present; the goals are recomputed from the CSV.
     """
     csv_path = Path(csv_path)
     rows = read_csv(csv_path)
     meta = csv_path.with_name(csv_path.stem + "-goals.json")
-    note = json.loads(meta.read_text()).get("note", "") if meta.exists() else ""
+    if note is None:
+        note = json.loads(meta.read_text()).get("note", "") if meta.exists() else ""
     md = csv_path.with_suffix(".md")
     md.write_text(markdown(rows, summarize_goals(rows), note) + "\n")
     return [md, *plots(rows, csv_path.with_suffix(""))]

@@ -16,8 +16,9 @@ the paper's norm_mse and trace loss from ``python_ref``) and ours
 Timing as bench.harness: ``triton.testing.do_bench`` on GPU (gradients set to None outside
 the timed region), ``torch.utils.benchmark`` on CPU. Writes
 ``<out>/<device label>-<yyyymmdd>-train.csv`` (the harness's columns; op ``train_step`` or
-``train_loss``, shape batch×3×H×W) and ``-train.json`` with, per provider, the step, the
-loss part, the share loss/step and the speed-ups over ``official`` from the same run.
+``train_loss``, shape batch×3×H×W), ``-train.json`` with, per provider, the step, the loss
+part, the share loss/step and the speed-ups over ``official`` from the same run, and the
+table and plots of bench.plot.
 ``--smoke``: ResNet-18, batch 8 of 32×32 images and a 64-wide projector, a few calls: a
 check that the code runs (CPU), not a measurement.
 """
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 
 import intl_kernels
+from bench import plot
 from bench.harness import (
     RESULTS,
     device_label,
@@ -220,7 +222,8 @@ def main(argv: list[str] | None = None) -> Path:
     for provider, res in summary.items():
         step_ms, loss_ms, share = res["step_ms"], res["loss_ms"], res["share"]
         print(f"P5 {provider}: step {step_ms} ms, whitening+loss {loss_ms} ms, share {share:.1%}")
-    print(f"wrote {path} and {json_path}")
+    written = plot.report(path, note=args.note)
+    print("wrote " + ", ".join(str(p) for p in [path, json_path, *written]))
     return path
 
 

@@ -334,6 +334,9 @@ def test_train_step_smoke_on_cpu(tmp_path):
     p5 = json.loads(path.with_suffix(".json").read_text())["P5"]
     assert p5["official"]["step_speedup_vs_official"] == 1.0 and set(p5) == {"official", ours}
     assert all(res["step_ms"] > 0 and res["loss_ms"] > 0 and res["share"] > 0 for res in p5.values())
+    md = path.with_suffix(".md").read_text()
+    assert f"**train_loss**, bfloat16, baseline official; {rows[0]['device']}" in md
+    assert md.count("| 8x3x32x32 | full |") == 2 and "Not measured" not in md
 
 
 def test_official_intl_loss_is_the_paper_loss():
