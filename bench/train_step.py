@@ -105,17 +105,20 @@ def make_step(provider: str, model: nn.Module, views, amp: torch.dtype | None) -
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     params = list(model.parameters())
 
+    def autocast():
+        return torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None)
+
     def step():
-        with torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
+        with autocast():
             value = loss(model(views[0]), model(views[1]))
         value.backward()
         opt.step()
 
-    with torch.no_grad(), torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
+    with torch.no_grad(), autocast():
         z = [model(v).detach().requires_grad_(True) for v in views]
 
     def loss_part():
-        with torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
+        with autocast():
             value = loss(z[0], z[1])
         value.backward()
 
