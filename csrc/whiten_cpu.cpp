@@ -10,7 +10,8 @@
 // z is (G, r, n) or an (G, r, n1, n2) view with n = n1·n2 columns (an NCHW tensor's channel
 // groups), read through its strides; y and dz are at::empty_like(z): z's layout when z
 // is dense (so the layer's output is already NCHW or channels_last), else contiguous.
-// Backward, with D = sym(P̄_{k+1}), E = P_k D:
+// Backward, with D = sym(P̄_{k+1}), E = P_k D (and Z̄ = 2^-e([Wᵀ | M]·[Ȳ; Zc] − row means), one
+// product with K = 2r written straight into z's layout, the row means entering as a bias):
 //   P̄_k = 1.5 D − 0.5 (XD + (XD)ᵀ + E P_k) A,   Ā += −0.5 X E          5 GEMMs a step
 // Products whose result is symmetric (S, X, Q, P_k Q, P_k D P_k) compute only the lower
 // block triangle with 128-row blocks and mirror it (62.5% of the FLOPs at r = 512).
@@ -136,53 +137,14 @@ at::Tensor centred_rows(const at::Tensor& z_in, const at::Tensor& rscale, at::Te
   return zc;
 }
 
-// dz[g, i, :] = (dzc[g, i, :] − mean_j dzc[g, i, j])·rscale[g], cast to z's dtype and
-// written in z's layout (at::empty_like(z): the same strides when z is dense).
-at::Tensor centred_grad(const at::Tensor& dzc, const at::Tensor& rscale, const at::Tensor& z) {
-  const int64_t G = dzc.size(0), r = dzc.size(1), n = dzc.size(2);
-  auto dz = at::empty_like(z);
-  const auto d4 = as4d(dz);
-  const int64_t n1 = d4.size(2), n2 = d4.size(3);
-  const int64_t sg = d4.stride(0), sr = d4.stride(1), s1 = d4.stride(2), s2 = d4.stride(3);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "centred_grad", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* src_all = dzc.const_data_ptr<acc_t>();
-    const acc_t* sp = rscale.const_data_ptr<acc_t>();
-    scalar_t* out = dz.data_ptr<scalar_t>();
-    at::parallel_for(0, G * r, std::max<int64_t>(1, kRowGrain / n), [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t g = row / r, i = row % r;
-        const acc_t* src = src_all + row * n;
-        scalar_t* dst = out + g * sg + i * sr;
-        const acc_t m = static_cast<acc_t>(row_sum(src, n) / static_cast<double>(n));
-        const acc_t s = sp[g];
-        if (s2 == 1 && (n1 == 1 || s1 == n2)) {
-          for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<scalar_t>((src[j] - m) * s);
-        } else if (s2 == 1) {  // NCHW groups: n1 contiguous runs of n2
-          for (int64_t b = 0; b < n1; ++b) {
-            const acc_t* in = src + b * n2;
-            scalar_t* run = dst + b * s1;
-            for (int64_t l = 0; l < n2; ++l) run[l] = static_cast<scalar_t>((in[l] - m) * s);
-          }
-        } else {
-          for_columns(n1, n2, s1, s2, [&](int64_t j, int64_t off) {
-            dst[off] = static_cast<scalar_t>((src[j] - m) * s);
-          });
-        }
-      }
-    });
-  });
-  return dz;
-}
-
-// y = W zc [+ bias] for W: (G, r, r), zc: (G, r, n), bias: (G, r) (optional, one value per
-// row), written in z's layout (at::empty_like(z)). Contiguous outputs of the statistics
-// dtype take one (b)addbmm; NCHW channel groups (runs of n2 >= 256 columns) one GEMM per
-// sample straight into place; anything else a product and one converting copy.
+// y = W zc [+ bias] for W: (G, r, k), zc: (G, k, n), bias: (G, r) (optional, one value per
+// row), written in z's layout (at::empty_like(z), z: (G, r, ...)). Contiguous outputs of the
+// statistics dtype take one (b)addbmm; NCHW channel groups (runs of n2 >= 256 columns) one
+// GEMM per sample straight into place; anything else a product and one converting copy.
 at::Tensor apply_into_layout(const at::Tensor& W, const at::Tensor& zc, const at::Tensor& z,
                              const at::Tensor& bias = at::Tensor()) {
   auto y = at::empty_like(z);
-  const int64_t G = zc.size(0), r = zc.size(1), n = zc.size(2);
+  const int64_t G = zc.size(0), r = W.size(1), k = zc.size(1), n = zc.size(2);
   auto y4 = as4d(y);
   const int64_t n1 = y4.size(2), n2 = y4.size(3);
   const bool same_dtype = y.scalar_type() == zc.scalar_type();
@@ -195,7 +157,7 @@ at::Tensor apply_into_layout(const at::Tensor& W, const at::Tensor& zc, const at
       at::bmm_out(y3, W, zc);
     }
   } else if (same_dtype && y4.stride(3) == 1 && n2 >= 256) {
-    auto zc4 = zc.view({G, r, n1, n2});
+    auto zc4 = zc.view({G, k, n1, n2});
     for (int64_t g = 0; g < G; ++g)
       for (int64_t b = 0; b < n1; ++b) {
         auto out = y4[g].select(1, b);
@@ -403,12 +365,13 @@ std::vector<at::Tensor> whiten_bwd_impl(const at::Tensor& dy, const at::Tensor& 
   auto W = P[T - 1] * rsqrt_tau;
 
   auto dW = at::bmm(dyf, zc.transpose(1, 2));
-  at::Tensor dweight, dbias, wrow;
+  at::Tensor dweight, dbias, dbias_acc, wrow;
   if (weight.defined()) {
     check_affine(weight, "weight", z);
     wrow = weight.to(cdt).unsqueeze(-1);
     dweight = (dW * W).sum(2).to(weight.scalar_type());
-    dbias = dyf.sum(2).to(weight.scalar_type());
+    dbias_acc = dyf.sum(2, /*keepdim=*/true);
+    dbias = dbias_acc.squeeze(-1).to(weight.scalar_type());
     dW.mul_(wrow);
   }
   auto dtau = (dW * W).sum({1, 2}, /*keepdim=*/true).mul_(-0.5).div_(tau_safe);
@@ -428,9 +391,14 @@ std::vector<at::Tensor> whiten_bwd_impl(const at::Tensor& dy, const at::Tensor& 
   dtau.sub_((dA * A).sum({1, 2}, /*keepdim=*/true).div_(tau_safe));
   auto dS = dA.div_(tau_safe);
   dS.diagonal(0, 1, 2).add_(dtau.view({G, 1}));
+  // Z̄ = 2^-e·(Z̄c − row means of Z̄c) with Z̄c = lhs·buf, lhs = [Wᵀ | (S̄ + S̄ᵀ)/divisor]. The
+  // row means are Wᵀ·mean(Ȳ) (the Zc rows have mean zero), so they enter the product as a
+  // bias and Z̄ is written straight into z's layout: no Z̄c temporary, no extra pass.
   auto Wt = (weight.defined() ? W * wrow : W).transpose(1, 2);
-  auto lhs = at::cat({Wt, sym_(dS).mul_(2.0 / divisor)}, 2);  // [Wᵀ | (dS + dSᵀ)/divisor]
-  auto dz = centred_grad(at::bmm(lhs, buf), rscale.contiguous(), z);
+  auto lhs = at::cat({Wt, sym_(dS).mul_(2.0 / divisor)}, 2).mul_(rscale);
+  auto ymean = (weight.defined() ? dbias_acc : dyf.sum(2, /*keepdim=*/true)).div(static_cast<double>(n));
+  auto row_means = at::bmm(lhs.narrow(2, 0, r), ymean).squeeze(-1);
+  auto dz = apply_into_layout(lhs, buf, z, row_means.neg_());
   if (!weight.defined()) return {dz};
   return {dz, dweight, dbias};
 }
