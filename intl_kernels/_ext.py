@@ -16,6 +16,19 @@ import torch
 from intl_kernels import _backends
 from intl_kernels.whiten import fake_whiten_bwd, fake_whiten_fwd
 
+
+def cuda_unavailable_reason(ext, has_device: bool) -> str | None:
+    """Why the cuda backend cannot run with the loaded extension ``ext``, or None if it can."""
+    if not hasattr(ext, "cuda_built"):  # built from older sources
+        return f"intl_kernels._C is older than the package; {_backends.BUILD_HINT}"
+    if not ext.cuda_built():
+        return (
+            "intl_kernels._C was built without its CUDA kernels (torch without CUDA, nvcc not found, or "
+            f"INTL_KERNELS_SKIP_CUDA_BUILD=1); {_backends.BUILD_HINT} on a machine with nvcc"
+        )
+    return None if has_device else "no CUDA device"
+
+
 try:
     from intl_kernels import _C  # noqa: F401  (loading registers the ops)
 except ImportError as exc:  # not built, or built against another torch
@@ -34,16 +47,11 @@ if _C is not None:
         return torch.ops.intl_kernels.whiten_bwd(dy, z, mean, rscale, tau, A, P, X, divisor)
 
     _backends.register("cpu", _op_fwd, _op_bwd)
-    if not _C.cuda_built():
-        _backends.set_unavailable(
-            "cuda",
-            "intl_kernels._C was built without its CUDA kernels (torch without CUDA, nvcc not found, or "
-            f"INTL_KERNELS_SKIP_CUDA_BUILD=1); {_backends.BUILD_HINT} on a machine with nvcc",
-        )
-    elif not torch.cuda.is_available():
-        _backends.set_unavailable("cuda", "no CUDA device")
-    else:
+    _reason = cuda_unavailable_reason(_C, torch.cuda.is_available())
+    if _reason is None:
         _backends.register("cuda", _op_fwd, _op_bwd)
+    else:
+        _backends.set_unavailable("cuda", _reason)
 
     @torch.library.register_fake("intl_kernels::whiten_affine_fwd")
     def _fake_whiten_affine_fwd(z, weight, bias, T, eps, divisor):

@@ -76,6 +76,19 @@ def test_cuda_backend_unavailable_here_says_why():
         ik.whiten(torch.randn(1, 4, 10), 5, backend="cuda")
 
 
+def test_cuda_unavailable_reasons():
+    from types import SimpleNamespace
+
+    from intl_kernels._ext import cuda_unavailable_reason
+
+    assert "older than the package" in cuda_unavailable_reason(SimpleNamespace(), True)
+    built = SimpleNamespace(cuda_built=lambda: True)
+    not_built = SimpleNamespace(cuda_built=lambda: False)
+    assert "INTL_KERNELS_SKIP_CUDA_BUILD" in cuda_unavailable_reason(not_built, True)
+    assert cuda_unavailable_reason(built, False) == "no CUDA device"
+    assert cuda_unavailable_reason(built, True) is None
+
+
 def test_cuda_backend_limits_are_declared():
     assert _backends.MAX_ROWS["cuda"] == 128
     assert _backends.DTYPES["cuda"] == (torch.float32, torch.bfloat16, torch.float16)
