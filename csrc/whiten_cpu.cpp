@@ -11,7 +11,8 @@
 // groups), read through its strides; y and dz are at::empty_like(z): z's layout when z
 // is dense (so the layer's output is already NCHW or channels_last), else contiguous.
 // Backward, with D = sym(P̄_{k+1}), E = P_k D (and Z̄ = 2^-e([Wᵀ | M]·[Ȳ; Zc] − row means), one
-// product with K = 2r written straight into z's layout, the row means entering as a bias):
+// product with K = 2r + 1 written straight into z's layout, the row means entering as a bias
+// column against a row of ones):
 //   P̄_k = 1.5 D − 0.5 (XD + (XD)ᵀ + E P_k) A,   Ā += −0.5 X E          5 GEMMs a step
 // Products whose result is symmetric (S, X, Q, P_k Q, P_k D P_k) compute only the lower
 // block triangle with 128-row blocks and mirror it (62.5% of the FLOPs at r = 512).
@@ -137,41 +138,38 @@ at::Tensor centred_rows(const at::Tensor& z_in, const at::Tensor& rscale, at::Te
   return zc;
 }
 
-// y = W zc [+ bias] for W: (G, r, k), zc: (G, k, n), bias: (G, r) (optional, one value per
-// row), written in z's layout (at::empty_like(z), z: (G, r, ...)). Contiguous outputs of the
-// statistics dtype take one (b)addbmm; NCHW channel groups (runs of n2 >= 256 columns) one
-// GEMM per sample straight into place; anything else a product and one converting copy.
-at::Tensor apply_into_layout(const at::Tensor& W, const at::Tensor& zc, const at::Tensor& z,
-                             const at::Tensor& bias = at::Tensor()) {
+// y = W zc for W: (G, r, k), zc: (G, k, n), written in z's layout (at::empty_like(z), z:
+// (G, r, ...)). A per-row bias b enters as one more column of W against a row of ones in zc
+// (no broadcast copy into the output). Contiguous outputs of the statistics dtype take one
+// bmm; NCHW channel groups (runs of n2 >= 256 columns) one GEMM per sample straight into
+// place; anything else a product and one converting copy.
+at::Tensor apply_into_layout(const at::Tensor& W, const at::Tensor& zc, const at::Tensor& z) {
   auto y = at::empty_like(z);
   const int64_t G = zc.size(0), r = W.size(1), k = zc.size(1), n = zc.size(2);
   auto y4 = as4d(y);
   const int64_t n1 = y4.size(2), n2 = y4.size(3);
   const bool same_dtype = y.scalar_type() == zc.scalar_type();
-  const bool has_bias = bias.defined();
   if (same_dtype && y.is_contiguous()) {
     auto y3 = y.view({G, r, n});
-    if (has_bias) {
-      at::baddbmm_out(y3, bias.unsqueeze(-1).expand({G, r, n}), W, zc);
-    } else {
-      at::bmm_out(y3, W, zc);
-    }
+    at::bmm_out(y3, W, zc);
   } else if (same_dtype && y4.stride(3) == 1 && n2 >= 256) {
     auto zc4 = zc.view({G, k, n1, n2});
     for (int64_t g = 0; g < G; ++g)
       for (int64_t b = 0; b < n1; ++b) {
         auto out = y4[g].select(1, b);
-        if (has_bias) {
-          at::addmm_out(out, bias[g].unsqueeze(1).expand({r, n2}), W[g], zc4[g].select(1, b));
-        } else {
-          at::mm_out(out, W[g], zc4[g].select(1, b));
-        }
+        at::mm_out(out, W[g], zc4[g].select(1, b));
       }
   } else {
-    auto prod = has_bias ? at::baddbmm(bias.unsqueeze(-1).expand({G, r, n}), W, zc) : at::bmm(W, zc);
-    y4.copy_(prod.view({G, r, n1, n2}));
+    y4.copy_(at::bmm(W, zc).view({G, r, n1, n2}));
   }
   return y;
+}
+
+// A (G, rows + 1, n) buffer whose last row is ones (for a bias column in apply_into_layout).
+at::Tensor with_ones_row(int64_t G, int64_t rows, int64_t n, const at::TensorOptions& opts) {
+  auto buf = at::empty({G, rows + 1, n}, opts);
+  buf.select(1, rows).fill_(1);
+  return buf;
 }
 
 // out = a @ b for a: (G, r, k), b: (G, k, r) whose product is symmetric: computes the
@@ -277,7 +275,7 @@ void check_affine(const at::Tensor& t, const char* name, const at::Tensor& z) {
 }
 
 // The forward, with an optional per-row affine y ← weight·y + bias folded into the last
-// product (weight scales the rows of W, bias enters the product's accumulator).
+// product (weight scales the rows of W, bias is one more column of it against a row of ones).
 std::vector<at::Tensor> whiten_fwd_impl(const at::Tensor& z, int64_t T, double eps, double divisor,
                                         const at::Tensor& weight, const at::Tensor& bias) {
   c10::AutoGradMode no_grad(false);  // a kernel: differentiated by intl_kernels' autograd Functions, not by tracing
@@ -291,7 +289,9 @@ std::vector<at::Tensor> whiten_fwd_impl(const at::Tensor& z, int64_t T, double e
 
   auto rscale = pow2_rscale(z, eps, cdt).contiguous();
   auto mean = at::empty({G, r, 1}, opts);
-  auto zc = centred_rows</*kComputeMean=*/true>(z, rscale, mean);
+  const int64_t n = z.dim() == 3 ? z.size(2) : z.size(2) * z.size(3);
+  auto zc_buf = weight.defined() ? with_ones_row(G, r, n, opts) : at::empty({G, r, n}, opts);
+  auto zc = centred_rows</*kComputeMean=*/true>(z, rscale, mean, zc_buf.narrow(1, 0, r));
 
   auto A = sym_bmm(zc, zc.transpose(1, 2)).div_(divisor);
   if (eps > 0.0) A.diagonal(0, 1, 2).add_((rscale * std::sqrt(eps)).square_().view({G, 1}));
@@ -324,7 +324,8 @@ std::vector<at::Tensor> whiten_fwd_impl(const at::Tensor& z, int64_t T, double e
   if (weight.defined()) {
     check_affine(weight, "weight", z);
     check_affine(bias, "bias", z);
-    y = apply_into_layout(W.mul_(weight.to(cdt).unsqueeze(-1)), zc, z, bias.to(cdt).contiguous());
+    auto Wb = at::cat({W.mul_(weight.to(cdt).unsqueeze(-1)), bias.to(cdt).unsqueeze(-1)}, 2);
+    y = apply_into_layout(Wb, zc_buf, z);
   } else {
     y = apply_into_layout(W, zc, z);
   }
@@ -354,9 +355,10 @@ std::vector<at::Tensor> whiten_bwd_impl(const at::Tensor& dy, const at::Tensor& 
   check_stat(P, "P", {T, G, r, r}, cdt);
   check_stat(X, "X", {T - 1, G, r, r}, cdt);
 
-  // buf = [dy; Zc] as (G, 2r, n): Z̄c = [Wᵀ | (S̄ + S̄ᵀ)/divisor] · buf is one product (K = 2r).
+  // buf = [dy; Zc; 1ᵀ] as (G, 2r + 1, n): Z̄ = [Wᵀ | (S̄ + S̄ᵀ)/divisor | −row means] · buf is
+  // one product (K = 2r + 1).
   const int64_t n = z.dim() == 3 ? z.size(2) : z.size(2) * z.size(3);
-  auto buf = at::empty({G, 2 * r, n}, z.options().dtype(cdt));
+  auto buf = with_ones_row(G, 2 * r, n, z.options().dtype(cdt));
   auto dyf = buf.narrow(1, 0, r);
   dyf.view({G, r, z.dim() == 3 ? 1 : z.size(2), z.dim() == 3 ? n : z.size(3)}).copy_(as4d(dy));
   auto mean_c = mean.contiguous();
@@ -398,7 +400,7 @@ std::vector<at::Tensor> whiten_bwd_impl(const at::Tensor& dy, const at::Tensor& 
   auto lhs = at::cat({Wt, sym_(dS).mul_(2.0 / divisor)}, 2).mul_(rscale);
   auto ymean = (weight.defined() ? dbias_acc : dyf.sum(2, /*keepdim=*/true)).div(static_cast<double>(n));
   auto row_means = at::bmm(lhs.narrow(2, 0, r), ymean).squeeze(-1);
-  auto dz = apply_into_layout(lhs, buf, z, row_means.neg_());
+  auto dz = apply_into_layout(at::cat({lhs, row_means.neg_().unsqueeze(-1)}, 2), buf, z);
   if (!weight.defined()) return {dz};
   return {dz, dweight, dbias};
 }
