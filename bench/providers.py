@@ -23,6 +23,7 @@ Providers (baselines first, then ours):
 - ``iternorm_pytorch``: the IterNorm authors' layer (``IterNormPytorch``): permute copies
   in and out, ``baddbmm``/``matrix_power`` steps, hand-written backward;
 - ``batchnorm``: ``nn.BatchNorm2d`` (cuDNN on GPU), the memory-pass anchor of the layer;
+- ``products``: the layer's five c×c×n matrix products alone (float32), its compute floor;
 - ``cublas``: the Newton part with ``torch.matmul`` (cuBLAS on GPU);
 - ours, ``torch``, ``cpu``, ``triton``, ``cuda``: ``intl_kernels.iter_norm`` /
   ``intl_kernels.IterNorm`` with that backend, whichever ``intl_kernels.available_backends()``
@@ -37,6 +38,7 @@ a fixed random upstream gradient built here. ``Case.grads`` lists the leaves who
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -84,6 +86,8 @@ PROVIDERS: dict[str, Provider] = {
     "cholesky": Provider(("channel", "crops"), _FP32),
     "iternorm_pytorch": Provider(("layer",), _BOTH),
     "batchnorm": Provider(("layer",), _BOTH),
+    # The layer's five c×c×n products alone, float32: the floor of any implementation.
+    "products": Provider(("layer",), _BOTH),
     "cublas": Provider(("newton",), _FP32, cpu_default=False),
     "torch": Provider(("channel", "crops", "layer"), _BOTH),
     "cpu": Provider(("channel", "crops", "layer"), _BOTH),
@@ -343,6 +347,29 @@ def layer_module(provider: str, C: int) -> nn.Module:
     return module.train()
 
 
+def layer_products(
+    shape: tuple[int, ...], mode: str, device: str, g: torch.Generator
+) -> Callable[[], object]:
+    """The matrix products every IterNorm layer performs, alone, in float32 (the statistics'
+    dtype): forward S = Zc Zcᵀ and Y = W Zc; backward Ȳ Zcᵀ and Z̄ = W Ȳ + M Zc; per group
+    of 64 channels over n = N·H·W columns. What the layer costs above this is memory passes."""
+    N, C = shape[:2]
+    G, n = C // GROUP, N * math.prod(shape[2:])
+
+    def rand(*size):
+        return torch.randn(size, generator=g, device=device)
+
+    zc, dy, W, M = rand(G, GROUP, n), rand(G, GROUP, n), rand(G, GROUP, GROUP), rand(G, GROUP, GROUP)
+
+    def fwd():
+        return torch.bmm(zc, zc.mT), torch.bmm(W, zc)
+
+    def bwd():
+        return torch.bmm(dy, zc.mT), torch.baddbmm(torch.bmm(W, dy), M, zc)
+
+    return {"fwd": fwd, "bwd": bwd, "full": lambda: (fwd(), bwd())}[mode]
+
+
 # ---------------------------------------------------------------------------- Newton part
 
 
@@ -430,6 +457,8 @@ def make_case(
             raise ValueError(f"op 'newton' runs mode 'fwd' in float32 only, got {mode!r}, {dtype!r}")
         return Case(_newton_op(provider, shape[0], device))
     g = torch.Generator(device=device).manual_seed(seed)
+    if provider == "products":
+        return Case(layer_products(shape, mode, device, g))
     x = torch.randn(shape, generator=g, device=device).to(DTYPES[dtype]).requires_grad_(True)
     dy = torch.randn(shape, generator=g, device=device).to(DTYPES[dtype])
     if op == "layer":

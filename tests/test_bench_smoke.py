@@ -32,7 +32,7 @@ def test_run_cpu_quick_writes_csv_goals_table_and_plots(tmp_path, capsys):
     from bench import run_cpu
 
     ours = ["torch"] + (["cpu"] if HAS_CPU else [])
-    names = ["official", "eigh_zca", "cholesky", "iternorm_pytorch", "batchnorm", *ours]
+    names = ["official", "eigh_zca", "cholesky", "iternorm_pytorch", "batchnorm", "products", *ours]
     argv = ["--grid", "quick", "--out", str(tmp_path), "--providers", ",".join(names), "--note", "shared"]
     path = run_cpu.main(argv)
     assert path.parent == tmp_path and re.fullmatch(rf"{harness.device_label('cpu')}-\d{{8}}\.csv", path.name)
@@ -41,7 +41,7 @@ def test_run_cpu_quick_writes_csv_goals_table_and_plots(tmp_path, capsys):
     channel = ["official", "eigh_zca", "cholesky", *ours]
     expected = [("channel", "32x64", m, p) for m in ("fwd", "bwd", "full") for p in channel]
     expected += [("crops", "6x16x64", m, p) for m in ("fwd", "bwd", "full") for p in channel]
-    layer = ["iternorm_pytorch", "batchnorm", *ours]
+    layer = ["iternorm_pytorch", "batchnorm", "products", *ours]
     expected += [("layer", "4x128x3x3", m, p) for m in ("fwd", "bwd", "full") for p in layer]
     assert got == sorted(expected)
     for r in rows:
@@ -203,6 +203,19 @@ def test_layer_providers_agree():
         # float32, c = 64 over n = 36 columns (rank deficient) and T = 5: ~1e-4 relative.
         torch.testing.assert_close(y, out["iternorm_pytorch"][0], rtol=1e-3, atol=1e-3, msg=name)
         torch.testing.assert_close(dx, out["iternorm_pytorch"][1], rtol=1e-3, atol=1e-3, msg=name)
+
+
+def test_layer_products_are_the_five_products_per_group():
+    """fwd: S (c×c) and Y (c×n); bwd: Ȳ Zcᵀ (c×c) and Z̄ (c×n); for G = C/64 groups, n = N·H·W."""
+    shapes = {}
+    for mode in ("fwd", "bwd"):
+        out = providers.make_case("layer", "products", (4, 128, 3, 3), "bfloat16", mode, "cpu").fn()
+        shapes[mode] = [(tuple(t.shape), t.dtype) for t in out]
+    f32 = torch.float32
+    assert shapes["fwd"] == [((2, 64, 64), f32), ((2, 64, 36), f32)]
+    assert shapes["bwd"] == [((2, 64, 64), f32), ((2, 64, 36), f32)]
+    assert providers.runs("products", "layer", "float32", (32, 64, 56, 56))
+    assert not providers.runs("products", "channel", "float32", (256, 2048))
 
 
 def test_cases_run_each_mode_without_accumulating():
