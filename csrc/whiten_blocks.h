@@ -14,7 +14,9 @@
 //                       parallel-variance formula, no cancellation; no float atomics), giving
 //                       mean, rscale = 2^-e and S in the group's scale.
 //           3. newton:  grid G, a block per group runs the trace normalisation and all T Newton
-//                       steps (c×c products tiled through shared memory), writing A, P_k, X_k.
+//                       steps. The c×c matrices (A, P_k, X_k: outputs the backward needs anyway)
+//                       live in global memory, where they stay in L1/L2 (16–64 KB each); each
+//                       product stages its operand tiles through shared memory.
 //           4. apply:   grid (blocks per group, G). W = P_T/√τ (rows scaled by the affine weight)
 //                       stays in shared memory; each tile of Z is centred on load and Y = W·Zc
 //                       (+ bias) is written through the output's strides. One read, one write.

@@ -58,6 +58,12 @@ void dispatch_dtype(at::ScalarType st, F&& f) {
   else f(at::BFloat16{});
 }
 
+// f(scalar_t{}, std::integral_constant<int, CB>{}) for the input dtype and c's row bucket.
+template <typename F>
+void dispatch_kernels(at::ScalarType st, int c, F&& f) {
+  dispatch_dtype(st, [&](auto tag) { dispatch_rows(c, [&](auto cb) { f(tag, cb); }); });
+}
+
 inline void check_input(const char* op, const char* name, const at::Tensor& t, c10::DeviceType device) {
   TORCH_CHECK(t.device().type() == device, op, ": ", name, " must be a ", c10::DeviceTypeName(device),
               " tensor, got one on ", t.device());
@@ -150,28 +156,26 @@ std::vector<at::Tensor> whiten_fwd(Exec& ex, const char* op, const at::Tensor& z
   }
   const int ci = static_cast<int>(c), Ti = static_cast<int>(T), Gi = static_cast<int>(G);
   const int reduce_x = static_cast<int>((c * c + kThreads - 1) / kThreads);
-  dispatch_dtype(z.scalar_type(), [&](auto tag) {
+  dispatch_kernels(z.scalar_type(), ci, [&](auto tag, auto cb) {
     using scalar_t = decltype(tag);
-    dispatch_rows(ci, [&](auto cb) {
-      constexpr int CB = decltype(cb)::value;
-      blocks::StatsArgs<scalar_t> sa{strided<const scalar_t>(z), ci, n, chunk, nblk,
-                                     part_q.data_ptr<float>(), part_v.data_ptr<float>(), part_e.data_ptr<int>()};
-      ex.template stats<scalar_t, CB>(nblk, Gi, sa);
-      blocks::ReduceArgs ra{ci, n, chunk, nblk, e_eps, static_cast<float>(divisor), part_q.data_ptr<float>(),
-                            part_v.data_ptr<float>(), part_e.data_ptr<int>(), A.data_ptr<float>(),
-                            mean.data_ptr<float>(), rscale.data_ptr<float>()};
-      ex.reduce(reduce_x, Gi, ra);
-      blocks::NewtonArgs na{ci, Ti, Gi, eps_root, rscale.data_ptr<float>(), A.data_ptr<float>(),
-                            tau.data_ptr<float>(), P.data_ptr<float>(), T > 1 ? X.data_ptr<float>() : nullptr,
-                            tmp.data_ptr<float>()};
-      ex.template newton<CB>(1, Gi, na);
-      auto aa = apply_args<scalar_t>(z, y, T, n, chunk, mean, rscale);
-      aa.tau = tau.data_ptr<float>();
-      aa.P = P.data_ptr<float>();
-      aa.weight = weight.defined() ? weight.data_ptr<float>() : nullptr;
-      aa.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
-      ex.template apply<scalar_t, CB, false>(nblk, Gi, aa);
-    });
+    constexpr int CB = decltype(cb)::value;
+    blocks::StatsArgs<scalar_t> sa{strided<const scalar_t>(z), ci, n, chunk, nblk,
+                                   part_q.data_ptr<float>(), part_v.data_ptr<float>(), part_e.data_ptr<int>()};
+    ex.template stats<scalar_t, CB>(nblk, Gi, sa);
+    blocks::ReduceArgs ra{ci, n, chunk, nblk, e_eps, static_cast<float>(divisor), part_q.data_ptr<float>(),
+                          part_v.data_ptr<float>(), part_e.data_ptr<int>(), A.data_ptr<float>(),
+                          mean.data_ptr<float>(), rscale.data_ptr<float>()};
+    ex.reduce(reduce_x, Gi, ra);
+    blocks::NewtonArgs na{ci, Ti, Gi, eps_root, rscale.data_ptr<float>(), A.data_ptr<float>(),
+                          tau.data_ptr<float>(), P.data_ptr<float>(), T > 1 ? X.data_ptr<float>() : nullptr,
+                          tmp.data_ptr<float>()};
+    ex.template newton<CB>(1, Gi, na);
+    auto aa = apply_args<scalar_t>(z, y, T, n, chunk, mean, rscale);
+    aa.tau = tau.data_ptr<float>();
+    aa.P = P.data_ptr<float>();
+    aa.weight = weight.defined() ? weight.data_ptr<float>() : nullptr;
+    aa.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
+    ex.template apply<scalar_t, CB, false>(nblk, Gi, aa);
   });
   return {y_in, mean, rscale, tau, A, P, X};
 }
@@ -223,31 +227,29 @@ std::vector<at::Tensor> whiten_bwd(Exec& ex, const char* op, const at::Tensor& d
   }
   const int ci = static_cast<int>(c), Ti = static_cast<int>(T), Gi = static_cast<int>(G);
   const int reduce_x = static_cast<int>((c * c + kThreads - 1) / kThreads);
-  dispatch_dtype(z.scalar_type(), [&](auto tag) {
+  dispatch_kernels(z.scalar_type(), ci, [&](auto tag, auto cb) {
     using scalar_t = decltype(tag);
-    dispatch_rows(ci, [&](auto cb) {
-      constexpr int CB = decltype(cb)::value;
-      blocks::DStatsArgs<scalar_t> sa{strided<const scalar_t>(z), strided<const scalar_t>(dy), ci, n, chunk, nblk,
-                                      mean.data_ptr<float>(), rscale.data_ptr<float>(), part_q.data_ptr<float>(),
-                                      part_v.data_ptr<float>()};
-      ex.template dstats<scalar_t, CB>(nblk, Gi, sa);
-      blocks::DReduceArgs ra{ci, nblk, part_q.data_ptr<float>(), part_v.data_ptr<float>(), dw.data_ptr<float>(),
-                             ysum.data_ptr<float>()};
-      ex.dreduce(reduce_x, Gi, ra);
-      blocks::AdjointArgs ja{ci, Ti, Gi, static_cast<float>(divisor), dw.data_ptr<float>(), ysum.data_ptr<float>(),
-                             weight.defined() ? weight.data_ptr<float>() : nullptr, tau.data_ptr<float>(),
-                             A.data_ptr<float>(), P.data_ptr<float>(), T > 1 ? X.data_ptr<float>() : nullptr,
-                             ws.data_ptr<float>(), M.data_ptr<float>(), Wm.data_ptr<float>(),
-                             dweight.defined() ? dweight.data_ptr<float>() : nullptr,
-                             dbias.defined() ? dbias.data_ptr<float>() : nullptr};
-      ex.template adjoint<CB>(1, Gi, ja);
-      auto aa = apply_args<scalar_t>(z, dz, T, n, chunk, mean, rscale);
-      aa.dy = strided<const scalar_t>(dy);
-      aa.Wm = Wm.data_ptr<float>();
-      aa.M = M.data_ptr<float>();
-      aa.ysum = ysum.data_ptr<float>();
-      ex.template apply<scalar_t, CB, true>(nblk, Gi, aa);
-    });
+    constexpr int CB = decltype(cb)::value;
+    blocks::DStatsArgs<scalar_t> sa{strided<const scalar_t>(z), strided<const scalar_t>(dy), ci, n, chunk, nblk,
+                                    mean.data_ptr<float>(), rscale.data_ptr<float>(), part_q.data_ptr<float>(),
+                                    part_v.data_ptr<float>()};
+    ex.template dstats<scalar_t, CB>(nblk, Gi, sa);
+    blocks::DReduceArgs ra{ci, nblk, part_q.data_ptr<float>(), part_v.data_ptr<float>(), dw.data_ptr<float>(),
+                           ysum.data_ptr<float>()};
+    ex.dreduce(reduce_x, Gi, ra);
+    blocks::AdjointArgs ja{ci, Ti, Gi, static_cast<float>(divisor), dw.data_ptr<float>(), ysum.data_ptr<float>(),
+                           weight.defined() ? weight.data_ptr<float>() : nullptr, tau.data_ptr<float>(),
+                           A.data_ptr<float>(), P.data_ptr<float>(), T > 1 ? X.data_ptr<float>() : nullptr,
+                           ws.data_ptr<float>(), M.data_ptr<float>(), Wm.data_ptr<float>(),
+                           dweight.defined() ? dweight.data_ptr<float>() : nullptr,
+                           dbias.defined() ? dbias.data_ptr<float>() : nullptr};
+    ex.template adjoint<CB>(1, Gi, ja);
+    auto aa = apply_args<scalar_t>(z, dz, T, n, chunk, mean, rscale);
+    aa.dy = strided<const scalar_t>(dy);
+    aa.Wm = Wm.data_ptr<float>();
+    aa.M = M.data_ptr<float>();
+    aa.ysum = ysum.data_ptr<float>();
+    ex.template apply<scalar_t, CB, true>(nblk, Gi, aa);
   });
   if (weight.defined()) {
     const auto wdt = weight_in.scalar_type();
