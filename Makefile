@@ -25,8 +25,14 @@ install: $(STAMP)
 test: install
 	$(PY) -m pytest tests
 
-test-cuda: install
-	$(PY) -m pytest -m cuda tests
+# On a GPU machine (the venv if there is one, else python3 with torch, triton and pytest; no
+# network needed): builds the extension in place for this GPU only, then the GPU tests.
+GPU_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+GPU_ARCH = $$($(GPU_PY) -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
+
+test-cuda:
+	INTL_KERNELS_CUDA_ARCHS=$(GPU_ARCH) $(GPU_PY) setup.py build_ext --inplace
+	$(GPU_PY) -m pytest -m cuda tests
 
 # Every Triton kernel variant (all autotuning configs) compiled for sm_80 and sm_90; no GPU needed.
 compile-check: install
@@ -43,13 +49,11 @@ bench: install
 # On a GPU machine (the venv if there is one, else python3 with torch + triton; no network needed):
 # builds the extension in place for this GPU, runs the full grid (goals P1-P4) and the training
 # step (P5); CSVs, goals JSON, table and plots in bench/results/.
-bench-gpu: BENCH_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 bench-gpu:
-	INTL_KERNELS_CUDA_ARCHS=$$($(BENCH_PY) -c "import torch; print('%d%d' % torch.cuda.get_device_capability())") \
-		$(BENCH_PY) setup.py build_ext --inplace \
+	INTL_KERNELS_CUDA_ARCHS=$(GPU_ARCH) $(GPU_PY) setup.py build_ext --inplace \
 		|| echo "bench-gpu: the extension did not build; benchmarking without the cpu/cuda backends"
-	$(BENCH_PY) -m bench.run_gpu
-	$(BENCH_PY) -m bench.train_step
+	$(GPU_PY) -m bench.run_gpu
+	$(GPU_PY) -m bench.train_step
 
 lint: install
 	$(VENV)/bin/ruff check .
