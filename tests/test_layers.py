@@ -14,6 +14,7 @@ from python_ref import IterNormRef, iter_norm_ref
 # (C = 24 with 16 → 8; C = 12 with 5 → 2), one group, many groups.
 CASES = {
     "dim4-C128-c64": ((6, 128, 5, 4), 64, 4),
+    "dim4-C64-c32-HW256": ((3, 64, 16, 16), 32, 4),  # H·W >= 256: per-group batched GEMM in place
     "dim4-C24-c16-halved": ((4, 24, 3, 3), 16, 4),
     "dim3-C12-c5-halved": ((5, 12, 7), 5, 3),
     "dim2-C32-c32": ((40, 32), 32, 2),
