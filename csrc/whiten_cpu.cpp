@@ -281,6 +281,10 @@ std::vector<at::Tensor> whiten_fwd_impl(const at::Tensor& z, int64_t T, double e
                                         const at::Tensor& weight, const at::Tensor& bias) {
   c10::AutoGradMode no_grad(false);  // a kernel: differentiated by intl_kernels' autograd Functions, not by tracing
   check_z(z, "z");
+  if (weight.defined()) {  // before any work: bad parameters fail fast
+    check_affine(weight, "weight", z);
+    check_affine(bias, "bias", z);
+  }
   TORCH_CHECK(T >= 1, "intl_kernels::whiten (cpu): T must be >= 1, got ", T);
   TORCH_CHECK(eps >= 0.0, "intl_kernels::whiten (cpu): eps must be >= 0, got ", eps);
   TORCH_CHECK(divisor > 0.0, "intl_kernels::whiten (cpu): divisor must be > 0, got ", divisor);
@@ -323,8 +327,6 @@ std::vector<at::Tensor> whiten_fwd_impl(const at::Tensor& z, int64_t T, double e
   auto W = P[T - 1] * rsqrt_tau;
   at::Tensor y;
   if (weight.defined()) {
-    check_affine(weight, "weight", z);
-    check_affine(bias, "bias", z);
     auto Wb = at::cat({W.mul_(weight.to(cdt).unsqueeze(-1)), bias.to(cdt).unsqueeze(-1)}, 2);
     y = apply_into_layout(Wb, zc_buf, z);
   } else {
