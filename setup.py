@@ -80,7 +80,10 @@ def _ext_modules():
 
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
-    cxx_flags = ["-O3"]
+    # No FMA contraction: the CPU kernels promise bitwise-equal results for every input layout,
+    # and a contracted (x − z0)·s − m in one loop but not another would break that on targets
+    # with FMA in their baseline (aarch64).
+    cxx_flags = ["-O3", "-ffp-contract=off"]
     reason = _cuda_disabled_reason(torch) if cuda_sources else "no CUDA sources"
     if reason is None:
         os.environ.setdefault("CUDA_HOME", _cuda_home())
