@@ -78,18 +78,30 @@ GOALS: dict[str, Goal] = {
 }
 
 
-def summarize_goals(rows: list[dict]) -> dict[str, dict]:
-    """{name: {op, shape, dtype, mode, baseline, provider, what, ratio, goal, met}} from result rows.
+def summarize_goals(
+    rows: list[dict], round_medians: dict[tuple, list[float]] | None = None
+) -> dict[str, dict]:
+    """{name: {op, shape, dtype, mode, baseline, provider, what, ratio, goal, met, ratio_rounds}}
+    from result rows.
 
     ratio = baseline median / provider median from the same rows (None, and met None, when
-    either was not measured).
+    either was not measured). ``round_medians`` (CPU runs), {(op, shape label, dtype, mode,
+    provider): [median ms of each round]}, gives ratio_rounds: the ratio within each
+    interleaved round, the spread one run's ratio hides on a machine whose speed drifts
+    (None without two or more rounds of both points). The verdict uses ``ratio``.
     """
     median = {(r["op"], r["shape"], r["dtype"], r["mode"], r["provider"]): float(r["median"]) for r in rows}
     out = {}
     for name, g in GOALS.items():
-        base = median.get((g.op, g.shape, g.dtype, g.mode, g.baseline))
-        ours = median.get((g.op, g.shape, g.dtype, g.mode, g.provider))
+        base_key = (g.op, g.shape, g.dtype, g.mode, g.baseline)
+        ours_key = (g.op, g.shape, g.dtype, g.mode, g.provider)
+        base, ours = median.get(base_key), median.get(ours_key)
         ratio = None if base is None or ours is None else base / ours
+        b_rounds = (round_medians or {}).get(base_key) or []
+        o_rounds = (round_medians or {}).get(ours_key) or []
+        ratio_rounds = None
+        if ratio is not None and len(b_rounds) == len(o_rounds) >= 2:
+            ratio_rounds = [round(b / o, 3) for b, o in zip(b_rounds, o_rounds, strict=True)]
         out[name] = {
             "op": g.op,
             "shape": g.shape,
@@ -101,8 +113,18 @@ def summarize_goals(rows: list[dict]) -> dict[str, dict]:
             "ratio": None if ratio is None else round(ratio, 3),
             "goal": round(g.goal, 3),
             "met": None if ratio is None else ratio >= g.goal,
+            "ratio_rounds": ratio_rounds,
         }
     return out
+
+
+def ratio_text(result: dict) -> str:
+    """'1.26x', or '1.26x (rounds 1.05-1.33x)' when per-round ratios are known."""
+    text = f"{result['ratio']:.2f}x"
+    rr = result.get("ratio_rounds")
+    if rr:
+        text += f" (rounds {min(rr):.2f}-{max(rr):.2f}x)"
+    return text
 
 
 def verdict(result: dict) -> str:

@@ -37,7 +37,7 @@ import torch
 import torch.utils.benchmark as benchmark
 
 from bench import plot
-from bench.goals import C2_SHAPES, RESNET50_STAGES, shape_label, summarize_goals, verdict
+from bench.goals import C2_SHAPES, RESNET50_STAGES, ratio_text, shape_label, summarize_goals, verdict
 from bench.providers import DTYPES, MODES, OPS, Case, check_provider, default_providers, make_case, runs
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -245,9 +245,11 @@ def _time_point(point, device: str, min_run_time: float, warmup_s: float, quick:
 
 
 def run_grid(pts, device: str, *, rounds: int, min_run_time: float, warmup_s: float, quick: bool):
-    """Times every point; returns ({point: (median, p20, p80)}, {point: peak MB or None}, skipped)."""
+    """Times every point; returns ({point: (median, p20, p80)}, {point: peak MB or None}, skipped,
+    {point: [median ms of each round]} (CPU; empty on GPU))."""
     stats, peaks, skipped = {}, {}, {}
     times: dict[tuple, list[float]] = {p: [] for p in pts}
+    per_round: dict[tuple, list[float]] = {}
     rounds = rounds if device == "cpu" else 1
     for rnd in range(rounds):
         for i, point in enumerate(pts, 1):
@@ -268,13 +270,14 @@ def run_grid(pts, device: str, *, rounds: int, min_run_time: float, warmup_s: fl
             else:
                 times[point].extend(result)
                 stats[point] = quantiles(times[point])
+                per_round.setdefault(point, []).append(quantiles(result)[0])
             tag = f"round {rnd + 1}/{rounds}, " if rounds > 1 else ""
             print(
                 f"[{tag}{i:3d}/{len(pts)}] {_describe(point)}: median {stats[point][0]:10.4f} ms "
                 f"({time.perf_counter() - t0:.1f} s)",
                 flush=True,
             )
-    return stats, peaks, skipped
+    return stats, peaks, skipped, {p: m for p, m in per_round.items() if p in stats}
 
 
 # ---------------------------------------------------------------------------- results
@@ -344,7 +347,7 @@ def main(argv: list[str] | None, *, prog: str, description: str, device: str, gr
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # every float32 provider at full precision
         warm_up_gpu(0.5 if quick else 3.0)
-    stats, peaks, skipped = run_grid(
+    stats, peaks, skipped, per_round = run_grid(
         pts,
         args.device,
         rounds=rounds,
@@ -357,7 +360,11 @@ def main(argv: list[str] | None, *, prog: str, description: str, device: str, gr
         op, dtype, shape, mode, prov = p
         rows.append(result_row(op, prov, mode, shape_label(shape), dtype, stats[p], peaks[p], name, versions))
     path = write_csv(args.out / f"{label}-{start:%Y%m%d}.csv", rows)
-    goals = summarize_goals(rows)
+    round_medians = {
+        (op, shape_label(shape), dtype, mode, prov): medians
+        for (op, dtype, shape, mode, prov), medians in per_round.items()
+    }
+    goals = summarize_goals(rows, round_medians)
     meta = {
         "device": name,
         "torch": versions[0],
@@ -375,7 +382,7 @@ def main(argv: list[str] | None, *, prog: str, description: str, device: str, gr
     print("\n" + plot.markdown(rows, goals, note=args.note))
     for gname, res in goals.items():
         if res["met"] is not None:
-            print(f"{gname}: {res['what']}: ratio {res['ratio']} (goal {res['goal']}): {verdict(res)}")
+            print(f"{gname}: {res['what']}: ratio {ratio_text(res)} (goal {res['goal']}): {verdict(res)}")
     if skipped:
         print(f"{len(skipped)} points skipped (listed in {goals_path(path).name})")
     print("wrote " + ", ".join(str(p) for p in [path, goals_path(path), *written]))

@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from bench.goals import summarize_goals, verdict
+from bench.goals import ratio_text, summarize_goals, verdict
 from bench.providers import BASELINE, PROVIDERS, T_CHANNEL
 
 NO_MATPLOTLIB = (
@@ -112,7 +112,7 @@ def markdown(rows: list[dict], goals: dict[str, dict], note: str = "") -> str:
         for k, g in measured.items():
             out.append(
                 f"| {k} | {g['what']} | {g['op']} | {g['shape']} | {g['dtype']} | {g['mode']} | "
-                f"{g['ratio']:.2f}x | {g['goal']:.2f}x | {verdict(g)} |"
+                f"{ratio_text(g)} | {g['goal']:.2f}x | {verdict(g)} |"
             )
     missing = [k for k, g in goals.items() if g["met"] is None]
     if measured and missing:
@@ -177,15 +177,21 @@ def report(csv_path: Path, note: str | None = None) -> list[Path]:
     """Writes ``<stem>.md`` and the PNGs for one result CSV; returns the paths written.
 
     The note, unless given, comes from the goals JSON beside the CSV (``<stem>-goals.json``)
-    when present; the goals are recomputed from the CSV.
+    when present; the goals are recomputed from the CSV, with the per-round ratios the JSON
+    keeps (the CSV has no rounds).
     """
     csv_path = Path(csv_path)
     rows = read_csv(csv_path)
-    meta = csv_path.with_name(csv_path.stem + "-goals.json")
+    meta_path = csv_path.with_name(csv_path.stem + "-goals.json")
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     if note is None:
-        note = json.loads(meta.read_text()).get("note", "") if meta.exists() else ""
+        note = meta.get("note", "")
+    goals = summarize_goals(rows)
+    for name, saved in meta.get("goals", {}).items():
+        if name in goals and goals[name]["ratio"] is not None and saved.get("ratio_rounds"):
+            goals[name]["ratio_rounds"] = saved["ratio_rounds"]
     md = csv_path.with_suffix(".md")
-    md.write_text(markdown(rows, summarize_goals(rows), note) + "\n")
+    md.write_text(markdown(rows, goals, note) + "\n")
     return [md, *plots(rows, csv_path.with_suffix(""))]
 
 

@@ -283,11 +283,49 @@ def test_goals_from_rows():
     assert g["C1"] == {
         "op": "channel", "shape": "512x2048", "dtype": "float32", "mode": "full", "baseline": "official",
         "provider": "cpu", "what": "cpu >= 1.5x official (CPU)", "ratio": 3.0, "goal": 1.5, "met": True,
+        "ratio_rounds": None,
     }  # fmt: skip
     assert (g["C2-32x64x56x56"]["ratio"], g["C2-32x64x56x56"]["met"]) == (1.5, False)
     assert g["C2-32x256x14x14"]["ratio"] is None and g["C2-32x256x14x14"]["met"] is None
     assert goals.verdict(g["C1"]) == "met" and goals.verdict(g["C2-32x64x56x56"]) == "NOT met"
     assert g["P3-bn-cuda-256x64x56x56"]["goal"] == 0.667
+
+
+def test_goals_keep_the_ratio_of_each_round():
+    """Per-round ratios pair each round's baseline with the same round's provider; the verdict
+    stays on the ratio of the overall medians."""
+    rounds = {
+        ("layer", "32x64x56x56", "float32", "full", "iternorm_pytorch"): [3.0, 4.0, 2.0],
+        ("layer", "32x64x56x56", "float32", "full", "cpu"): [2.0, 1.6, 2.0],
+        ("channel", "512x2048", "float32", "full", "official"): [6.0],  # one round: no spread
+        ("channel", "512x2048", "float32", "full", "cpu"): [2.0],
+    }
+    g = goals.summarize_goals(ROWS, rounds)
+    c2 = g["C2-32x64x56x56"]
+    assert c2["ratio_rounds"] == [1.5, 2.5, 1.0]
+    assert (c2["ratio"], c2["met"]) == (1.5, False)
+    assert g["C1"]["ratio_rounds"] is None
+    assert goals.ratio_text(c2) == "1.50x (rounds 1.00-2.50x)"
+    assert goals.ratio_text(g["C1"]) == "3.00x"
+    md = plot.markdown(ROWS, g)
+    assert "| C2-32x64x56x56 | cpu >= 2x iternorm_pytorch (CPU) | layer | 32x64x56x56 | float32 | full | " \
+        "1.50x (rounds 1.00-2.50x) | 2.00x | NOT met |" in md.splitlines()  # fmt: skip
+
+
+def test_report_takes_round_ratios_from_the_goals_json(tmp_path):
+    """bench.plot recomputes goals from the CSV, which has no rounds: the per-round ratios come
+    from the goals JSON written beside it."""
+    csv_path = harness.write_csv(tmp_path / "cpu-20260102.csv", ROWS)
+    saved = goals.summarize_goals(
+        ROWS,
+        {
+            ("layer", "32x64x56x56", "float32", "full", "iternorm_pytorch"): [3.0, 3.3],
+            ("layer", "32x64x56x56", "float32", "full", "cpu"): [2.0, 1.5],
+        },
+    )
+    harness.goals_path(csv_path).write_text(json.dumps({"note": "n", "goals": saved}))
+    md_path = plot.report(csv_path)[0]
+    assert "| 1.50x (rounds 1.50-2.20x) | 2.00x | NOT met |" in md_path.read_text()
 
 
 def test_markdown_table_ratios_devices_and_goals():
