@@ -91,14 +91,14 @@ def summarize_goals(
     (None without two or more rounds of both points). The verdict uses ``ratio``.
     """
     median = {(r["op"], r["shape"], r["dtype"], r["mode"], r["provider"]): float(r["median"]) for r in rows}
+    rounds = round_medians or {}
     out = {}
     for name, g in GOALS.items():
         base_key = (g.op, g.shape, g.dtype, g.mode, g.baseline)
         ours_key = (g.op, g.shape, g.dtype, g.mode, g.provider)
         base, ours = median.get(base_key), median.get(ours_key)
         ratio = None if base is None or ours is None else base / ours
-        b_rounds = (round_medians or {}).get(base_key) or []
-        o_rounds = (round_medians or {}).get(ours_key) or []
+        b_rounds, o_rounds = rounds.get(base_key, []), rounds.get(ours_key, [])
         ratio_rounds = None
         if ratio is not None and len(b_rounds) == len(o_rounds) >= 2:
             ratio_rounds = [round(b / o, 3) for b, o in zip(b_rounds, o_rounds, strict=True)]

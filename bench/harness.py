@@ -270,7 +270,7 @@ def run_grid(pts, device: str, *, rounds: int, min_run_time: float, warmup_s: fl
             else:
                 times[point].extend(result)
                 stats[point] = quantiles(times[point])
-                per_round.setdefault(point, []).append(quantiles(result)[0])
+                per_round.setdefault(point, []).append(float(np.median(result)))
             tag = f"round {rnd + 1}/{rounds}, " if rounds > 1 else ""
             print(
                 f"[{tag}{i:3d}/{len(pts)}] {_describe(point)}: median {stats[point][0]:10.4f} ms "
