@@ -3,6 +3,8 @@
 // Same algorithm and saved statistics as the `torch` backend (intl_kernels/whiten.py,
 // DESIGN §2–§3), in ATen plus two fused row loops:
 //   Zc = (Z − Z[:, 0])·2^-e − mean        power-of-two rescale, shifted centring (one pass)
+//   (the forward's pass writes Z − Z[:, 0] − mean unscaled and each row's max|Z|, which gives
+//   e; 2^-e then scales S and W, exactly, unless max|Z| is far from 1: see kUnscaledExp)
 //   S = Zc Zcᵀ/divisor + eps·2^-2e·I,  τ = tr S,  A = S/τ,  P_1 = (3I − A)/2
 //   P_2 = (36I − 39A + A²(27I − 9A + A²))/16                  (2 GEMMs: P_1 is a polynomial)
 //   X = P_k P_k,  Q = X A,  P_{k+1} = 1.5 P_k − 0.5 P_k Q      (k = 2..T−1)
@@ -31,6 +33,7 @@
 #include <c10/core/GradMode.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 namespace intl_kernels {
@@ -48,18 +51,23 @@ std::pair<int64_t, int64_t> exponent_range() {
   return {emin, emax - 2};
 }
 
-// 2^-e per group with 2^e >= max(|z|, sqrt(eps)); e clamped so 2^±e stay normal.
-at::Tensor pow2_rscale(const at::Tensor& z, double eps, at::ScalarType cdt) {
+// 2^-e per group with 2^e >= max(amax, sqrt(eps)); e clamped so 2^±e stay normal. amax: (G,)
+// the group's max|z|.
+at::Tensor pow2_rscale(const at::Tensor& amax_in, double eps, at::ScalarType cdt) {
   auto range = cdt == at::kDouble ? exponent_range<double>() : exponent_range<float>();
-  // max|z| as max(max z, −min z): two vectorised reductions, no |z| temporary.
-  const int64_t G = z.size(0);
-  std::vector<int64_t> dims;  // every axis but the group axis, read through z's strides
-  for (int64_t d = 1; d < z.dim(); ++d) dims.push_back(d);
-  auto amax = at::maximum(z.amax(dims), z.amin(dims).neg()).to(cdt).view({G, 1, 1});
-  if (eps > 0.0) amax.clamp_min_(std::sqrt(eps));
+  auto amax = amax_in.to(cdt).view({amax_in.size(0), 1, 1});
+  if (eps > 0.0) amax = amax.clamp_min(std::sqrt(eps));
   auto e = std::get<1>(at::frexp(amax)).clamp(range.first, range.second);
-  return at::ldexp(at::ones_like(amax), e.neg());
+  return at::ldexp(at::ones_like(amax), e.neg()).contiguous();
 }
+
+// The rescaled (kScaled) centring only where a group's max|z| leaves [2^-kUnscaledExp,
+// 2^kUnscaledExp]. Inside it the unscaled covariance cannot overflow (n <= 2^60 columns of
+// entries below 2^25: below 2^110), and scaling the r×r statistics and W by the power-of-two
+// rescale afterwards gives the bits of scaling Zc, except where a product of two entries is
+// subnormal: at least 2^-78 below the group's largest square, under the rounding of any sum
+// it enters.
+constexpr int kUnscaledExp = 24;
 
 // Sum of n values with 8 independent partial sums (vectorisable, and more accurate than
 // one running sum); accumulates in double.
@@ -87,45 +95,98 @@ inline void for_columns(int64_t n1, int64_t n2, int64_t s1, int64_t s2, F&& f) {
     for (int64_t l = 0; l < n2; ++l, ++j) f(j, b * s1 + l * s2);
 }
 
-// zc[g, i, :] = (z[g, i, :] − z[g, i, 0])·rscale[g] − mean[g, i], written contiguous
-// (G, r, n), read through z's strides. With kComputeMean the mean is computed and stored,
-// else the stored one is used, so the backward reproduces the forward's Zc bit for bit.
-// `zc` (optional) is a (G, r, n) buffer with unit column stride to write into.
-template <bool kComputeMean>
+// |v| as its bit pattern: for non-negative IEEE values the integer order is the value order,
+// and a NaN's pattern is above +inf, so an integer max of patterns is max|v| with NaN
+// propagated (an integer max vectorises without -ffast-math; a float one does not).
+inline int32_t abs_bits(float v) {
+  int32_t b;
+  std::memcpy(&b, &v, sizeof b);
+  return b & 0x7fffffff;
+}
+inline int64_t abs_bits(double v) {
+  int64_t b;
+  std::memcpy(&b, &v, sizeof b);
+  return b & 0x7fffffffffffffffLL;
+}
+template <typename B>
+inline B max_bits(B a, B b) { return a > b ? a : b; }
+
+// How centred_rows treats a row:
+//   kScaled:     zc = (z − z0)·rscale − mean, mean computed and stored;
+//   kStoredMean: zc = (z − z0)·rscale − mean with the stored mean (the backward's Zc, bit for
+//                bit the forward's);
+//   kUnscaled:   zc = (z − z0) − mean, mean computed and stored, and max|z| of the row stored
+//                in `rowmax` (the forward's one pass over z, rscale applied afterwards).
+enum class Centre { kScaled, kStoredMean, kUnscaled };
+
+// zc[g, i, :] per `Centre` (z0 = z[g, i, 0]), written contiguous (G, r, n), read through z's
+// strides. `zc` (optional) is a (G, r, n) buffer with unit column stride to write into.
+template <Centre kMode>
 at::Tensor centred_rows(const at::Tensor& z_in, const at::Tensor& rscale, at::Tensor& mean,
-                        at::Tensor zc = at::Tensor()) {
+                        at::Tensor zc = at::Tensor(), at::Tensor* rowmax = nullptr) {
+  constexpr bool kComputeMean = kMode != Centre::kStoredMean;
+  constexpr bool kMax = kMode == Centre::kUnscaled;
   const auto z = as4d(z_in);
   const int64_t G = z.size(0), r = z.size(1), n1 = z.size(2), n2 = z.size(3), n = n1 * n2;
   const int64_t sg = z.stride(0), sr = z.stride(1), s1 = z.stride(2), s2 = z.stride(3);
-  if (!zc.defined()) zc = at::empty({G, r, n}, z.options().dtype(rscale.scalar_type()));
+  if (!zc.defined()) zc = at::empty({G, r, n}, z.options().dtype(mean.scalar_type()));
   TORCH_INTERNAL_ASSERT(zc.stride(2) == 1 && zc.stride(1) == n);
+  TORCH_INTERNAL_ASSERT(!kMax || (rowmax != nullptr && rowmax->is_contiguous() && rowmax->numel() == G * r));
   const int64_t zc_sg = zc.stride(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "centred_rows", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    using bits_t = decltype(abs_bits(acc_t(0)));
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
-    const acc_t* sp = rscale.const_data_ptr<acc_t>();
+    const acc_t* sp = kMax ? nullptr : rscale.const_data_ptr<acc_t>();
     acc_t* mp = mean.data_ptr<acc_t>();
+    acc_t* maxp = kMax ? rowmax->data_ptr<acc_t>() : nullptr;
     acc_t* out = zc.data_ptr<acc_t>();
     at::parallel_for(0, G * r, std::max<int64_t>(1, kRowGrain / n), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t g = row / r, i = row % r;
         const scalar_t* src = zp + g * sg + i * sr;
         acc_t* dst = out + g * zc_sg + i * n;
-        const acc_t s = sp[g];
         const acc_t z0 = static_cast<acc_t>(src[0]);
-        const acc_t m0 = kComputeMean ? acc_t(0) : mp[row];
-        if (s2 == 1 && (n1 == 1 || s1 == n2)) {  // one contiguous run: vectorisable
-          for (int64_t j = 0; j < n; ++j) dst[j] = (static_cast<acc_t>(src[j]) - z0) * s - m0;
-        } else if (s2 == 1) {  // NCHW groups: n1 contiguous runs of n2
-          for (int64_t b = 0; b < n1; ++b) {
-            const scalar_t* run = src + b * s1;
-            acc_t* d = dst + b * n2;
-            for (int64_t l = 0; l < n2; ++l) d[l] = (static_cast<acc_t>(run[l]) - z0) * s - m0;
+        bits_t mx = 0;
+        if constexpr (kMax) {
+          // One pass: the shifted row and max|z|.
+          auto run = [&](const scalar_t* from, acc_t* to, int64_t len) {
+            for (int64_t l = 0; l < len; ++l) {
+              const acc_t v = static_cast<acc_t>(from[l]);
+              to[l] = v - z0;
+              mx = max_bits(mx, abs_bits(v));
+            }
+          };
+          if (s2 == 1 && (n1 == 1 || s1 == n2)) {
+            run(src, dst, n);
+          } else if (s2 == 1) {
+            for (int64_t b = 0; b < n1; ++b) run(src + b * s1, dst + b * n2, n2);
+          } else {
+            for_columns(n1, n2, s1, s2, [&](int64_t j, int64_t off) {
+              const acc_t v = static_cast<acc_t>(src[off]);
+              dst[j] = v - z0;
+              mx = max_bits(mx, abs_bits(v));
+            });
           }
+          acc_t m;
+          std::memcpy(&m, &mx, sizeof m);
+          maxp[row] = m;
         } else {
-          for_columns(n1, n2, s1, s2, [&](int64_t j, int64_t off) {
-            dst[j] = (static_cast<acc_t>(src[off]) - z0) * s - m0;
-          });
+          const acc_t s = sp[g];
+          const acc_t m0 = kComputeMean ? acc_t(0) : mp[row];
+          if (s2 == 1 && (n1 == 1 || s1 == n2)) {  // one contiguous run: vectorisable
+            for (int64_t j = 0; j < n; ++j) dst[j] = (static_cast<acc_t>(src[j]) - z0) * s - m0;
+          } else if (s2 == 1) {  // NCHW groups: n1 contiguous runs of n2
+            for (int64_t b = 0; b < n1; ++b) {
+              const scalar_t* run = src + b * s1;
+              acc_t* d = dst + b * n2;
+              for (int64_t l = 0; l < n2; ++l) d[l] = (static_cast<acc_t>(run[l]) - z0) * s - m0;
+            }
+          } else {
+            for_columns(n1, n2, s1, s2, [&](int64_t j, int64_t off) {
+              dst[j] = (static_cast<acc_t>(src[off]) - z0) * s - m0;
+            });
+          }
         }
         if (kComputeMean) {
           mp[row] = static_cast<acc_t>(row_sum(dst, n) / static_cast<double>(n));
@@ -292,13 +353,25 @@ std::vector<at::Tensor> whiten_fwd_impl(const at::Tensor& z, int64_t T, double e
   const int64_t G = z.size(0), r = z.size(1);
   auto opts = z.options().dtype(cdt);
 
-  auto rscale = pow2_rscale(z, eps, cdt).contiguous();
   auto mean = at::empty({G, r, 1}, opts);
   const int64_t n = z.dim() == 3 ? z.size(2) : z.size(2) * z.size(3);
   auto zc_buf = weight.defined() ? with_ones_row(G, r, n, opts) : at::empty({G, r, n}, opts);
-  auto zc = centred_rows</*kComputeMean=*/true>(z, rscale, mean, zc_buf.narrow(1, 0, r));
-
-  auto A = sym_bmm(zc, zc.transpose(1, 2)).div_(divisor);
+  auto zc = zc_buf.narrow(1, 0, r);
+  // One pass over z: Zc unscaled and each row's max|z|, from which the group's rescale. A CPU
+  // kernel reads its own CPU statistics here (no device to synchronise with).
+  auto rowmax = at::empty({G, r}, opts);
+  centred_rows<Centre::kUnscaled>(z, at::Tensor(), mean, zc, &rowmax);
+  auto rscale = pow2_rscale(rowmax.amax(1), eps, cdt);
+  const double lim = std::ldexp(1.0, kUnscaledExp);
+  const bool unscaled = (rscale >= 1.0 / lim).logical_and_(rscale <= lim).all().item<bool>();
+  if (unscaled) {
+    mean.mul_(rscale);  // the saved mean is the rescaled one: (z − z0)·rscale − mean
+  } else {
+    centred_rows<Centre::kScaled>(z, rscale, mean, zc);
+  }
+  auto A = sym_bmm(zc, zc.transpose(1, 2));
+  if (unscaled) A.mul_(rscale.square());
+  A.div_(divisor);
   if (eps > 0.0) A.diagonal(0, 1, 2).add_((rscale * std::sqrt(eps)).square_().view({G, 1}));
   auto tau = A.diagonal(0, 1, 2).sum(-1).view({G, 1, 1});
   auto [tau_safe, rsqrt_tau] = safe_tau(tau);
@@ -324,7 +397,7 @@ std::vector<at::Tensor> whiten_fwd_impl(const at::Tensor& z, int64_t T, double e
     sym_bmm_out(Xk, Pk, Pk);
     sym_bmm_out(Pnext, Pk, sym_bmm(Xk, A)).mul_(-0.5).add_(Pk, 1.5);
   }
-  auto W = P[T - 1] * rsqrt_tau;
+  auto W = P[T - 1] * (unscaled ? rsqrt_tau * rscale : rsqrt_tau);
   at::Tensor y;
   if (weight.defined()) {
     auto Wb = at::cat({W.mul_(weight.to(cdt).unsqueeze(-1)), bias.to(cdt).unsqueeze(-1)}, 2);
@@ -365,7 +438,7 @@ std::vector<at::Tensor> whiten_bwd_impl(const at::Tensor& dy, const at::Tensor& 
   auto dyf = buf.narrow(1, 0, r);
   dyf.view({G, r, z.dim() == 3 ? 1 : z.size(2), z.dim() == 3 ? n : z.size(3)}).copy_(as4d(dy));
   auto mean_c = mean.contiguous();
-  auto zc = centred_rows</*kComputeMean=*/false>(z, rscale.contiguous(), mean_c, buf.narrow(1, r, r));
+  auto zc = centred_rows<Centre::kStoredMean>(z, rscale.contiguous(), mean_c, buf.narrow(1, r, r));
   auto [tau_safe, rsqrt_tau] = safe_tau(tau);
   auto W = P[T - 1] * rsqrt_tau;
 

@@ -132,3 +132,38 @@ def test_backends_agree_in_float64():
     y_c, dz_c = _grads(lambda t: ik.whiten(t, 4, eps=1e-4, backend="cpu"), z, dy)
     torch.testing.assert_close(y_c, y_t, rtol=0, atol=1e-12)
     torch.testing.assert_close(dz_c, dz_t, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_power_of_two_scale_gives_the_same_bits(backend, dtype, layout):
+    """Y(2^k·Z) = Y(Z) and dZ scales by 2^-k, bit for bit (eps = 0): the rescale is exact.
+
+    For the cpu backend k = ±40 takes the rescaled centring and k = 0, ±8 the unscaled one
+    with the rescale folded into S and W afterwards; both must give the same bits.
+    """
+    torch.manual_seed(6)
+    z = torch.randn(2, 9, 31, dtype=dtype)
+    dy = torch.randn_like(z)
+    if layout == "strided":  # every column read through a stride
+        z = z.mT.contiguous().mT
+    y, dz = _grads(lambda t: ik.whiten(t, 4, backend=backend), z, dy)
+    for k in (-40, -8, 8, 40):
+        yk, dzk = _grads(lambda t: ik.whiten(t, 4, backend=backend), z * 2.0**k, dy)
+        assert torch.equal(yk, y), f"k={k}: {describe_error(yk, y)}"
+        assert torch.equal(dzk * 2.0**k, dz), f"k={k}: {describe_error(dzk * 2.0**k, dz)}"
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="C++ extension not built")
+@pytest.mark.parametrize("k", [-40, -8, 8, 40])
+def test_cpu_channel_group_view_power_of_two_scale(k):
+    """The (G, r, n1, n2) view of an NCHW tensor (the layer's input) under both centrings."""
+    torch.manual_seed(7)
+    x = torch.randn(5, 6, 3, 7)  # N, C, H, W: 2 groups of 3 channels
+    view = lambda t: t.view(5, 2, 3, 21).permute(1, 2, 0, 3)  # noqa: E731  (G, r, N, H·W)
+    fwd = torch.ops.intl_kernels.whiten_fwd
+    y, mean, rscale, *_ = fwd(view(x), 4, 0.0, 104.0)
+    yk, meank, rscalek, *_ = fwd(view(x * 2.0**k), 4, 0.0, 104.0)
+    assert torch.equal(yk, y)
+    assert torch.equal(rscalek * 2.0**k, rscale) and torch.equal(meank, mean)
