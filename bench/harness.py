@@ -10,7 +10,11 @@ For every point of a grid (op × dtype × shape × mode × provider; providers a
 - CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` after a warm-up, in rounds that
   interleave the providers so that drift of a shared machine hits all alike; median and
   percentiles over the per-call times of all rounds (resetting the ``.grad`` of the
-  leaves, a few attribute writes, happens inside the timed call here). No peak memory.
+  leaves, a few attribute writes, happens inside the timed call here). No peak memory;
+  instead the minor page faults per timed call (``faults_per_call``, mean over the rounds):
+  fresh pages of large temporaries that the C library's allocator returned to the system,
+  each touched again at a cost of about a microsecond per 4 KiB here, a part of a time that
+  depends on the process's heap state rather than on the kernel.
 
 Writes ``<out>/<device label>-<yyyymmdd>.csv`` (long format, ``CSV_COLUMNS``), the goals
 JSON beside it (``-goals.json``: device, versions, note, skipped points and
@@ -28,6 +32,7 @@ import importlib.metadata
 import json
 import platform
 import re
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +48,7 @@ from bench.providers import DTYPES, MODES, OPS, Case, check_provider, default_pr
 RESULTS = Path(__file__).resolve().parent / "results"
 CSV_COLUMNS = [
     "op", "provider", "mode", "shape", "dtype", "median", "p20", "p80", "unit", "peak_mem_mb",
-    "device", "torch", "triton", "timestamp",
+    "faults_per_call", "device", "torch", "triton", "timestamp",
 ]  # fmt: skip
 
 
@@ -131,19 +136,30 @@ def clear_grads(case: Case) -> None:
         t.grad = None
 
 
-def measure_cpu(case: Case, min_run_time: float, warmup_s: float) -> list[float]:
-    """Per-call times in ms, one per block of ``blocked_autorange`` (after ``warmup_s`` of calls)."""
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def measure_cpu(case: Case, min_run_time: float, warmup_s: float) -> tuple[list[float], float]:
+    """Per-call times in ms, one per block of ``blocked_autorange`` (after ``warmup_s`` of calls),
+    and the minor page faults per timed call (all threads of the process)."""
+
+    calls = [0]
 
     def call():
         clear_grads(case)
         case.fn()
+        calls[0] += 1
 
     call()
     deadline = time.perf_counter() + warmup_s
     while time.perf_counter() < deadline:
         call()
     timer = benchmark.Timer(stmt="call()", globals={"call": call}, num_threads=torch.get_num_threads())
-    return [1e3 * t for t in timer.blocked_autorange(min_run_time=min_run_time).times]
+    calls[0], faults = 0, _minor_faults()
+    m = timer.blocked_autorange(min_run_time=min_run_time)  # with the calls that size its blocks
+    faults = _minor_faults() - faults
+    return [1e3 * t for t in m.times], faults / max(calls[0], 1)
 
 
 def measure_gpu(case: Case, warmup_ms: int, rep_ms: int) -> tuple[float, float, float]:
@@ -208,9 +224,19 @@ def points(grid: Grid, ops, dtypes, modes, providers) -> list[tuple]:
 
 
 def result_row(
-    op, provider, mode, shape: str, dtype: str, stats, peak: float | None, device: str, versions
+    op,
+    provider,
+    mode,
+    shape: str,
+    dtype: str,
+    stats,
+    peak: float | None,
+    device: str,
+    versions,
+    faults: float | None = None,
 ) -> dict:
-    """One CSV row (``CSV_COLUMNS``): stats = (median, p20, p80) ms, versions = (torch, triton)."""
+    """One CSV row (``CSV_COLUMNS``): stats = (median, p20, p80) ms, versions = (torch, triton),
+    peak MB (GPU), minor page faults per call (CPU)."""
     median, p20, p80 = stats
     return {
         "op": op,
@@ -223,6 +249,7 @@ def result_row(
         "p80": f"{p80:.6g}",
         "unit": "ms",
         "peak_mem_mb": "" if peak is None else f"{peak:.1f}",
+        "faults_per_call": "" if faults is None else f"{faults:.0f}",
         "device": device,
         "torch": versions[0],
         "triton": versions[1],
@@ -236,7 +263,7 @@ def _describe(point) -> str:
 
 
 def _time_point(point, device: str, min_run_time: float, warmup_s: float, quick: bool):
-    """(median, p20, p80) and peak MB on GPU; (per-block ms list, None) on CPU."""
+    """((median, p20, p80), peak MB) on GPU; ((per-block ms list, faults per call), None) on CPU."""
     op, dtype, shape, mode, provider = point
     case = make_case(op, provider, shape, dtype, mode, device)
     if device == "cuda":
@@ -246,8 +273,10 @@ def _time_point(point, device: str, min_run_time: float, warmup_s: float, quick:
 
 def run_grid(pts, device: str, *, rounds: int, min_run_time: float, warmup_s: float, quick: bool):
     """Times every point; returns ({point: (median, p20, p80)}, {point: peak MB or None}, skipped,
-    {point: [median ms of each round]} (CPU; empty on GPU))."""
+    {point: [median ms of each round]} (CPU; empty on GPU), {point: minor page faults per call,
+    mean over the rounds} (CPU; empty on GPU))."""
     stats, peaks, skipped = {}, {}, {}
+    faults: dict[tuple, list[float]] = {}
     times: dict[tuple, list[float]] = {p: [] for p in pts}
     per_round: dict[tuple, list[float]] = {}
     rounds = rounds if device == "cpu" else 1
@@ -268,16 +297,24 @@ def run_grid(pts, device: str, *, rounds: int, min_run_time: float, warmup_s: fl
             if device == "cuda":
                 stats[point] = result
             else:
-                times[point].extend(result)
+                block_times, point_faults = result
+                times[point].extend(block_times)
                 stats[point] = quantiles(times[point])
-                per_round.setdefault(point, []).append(float(np.median(result)))
+                per_round.setdefault(point, []).append(float(np.median(block_times)))
+                faults.setdefault(point, []).append(point_faults)
             tag = f"round {rnd + 1}/{rounds}, " if rounds > 1 else ""
             print(
                 f"[{tag}{i:3d}/{len(pts)}] {_describe(point)}: median {stats[point][0]:10.4f} ms "
                 f"({time.perf_counter() - t0:.1f} s)",
                 flush=True,
             )
-    return stats, peaks, skipped, {p: m for p, m in per_round.items() if p in stats}
+    return (
+        stats,
+        peaks,
+        skipped,
+        {p: m for p, m in per_round.items() if p in stats},
+        {p: float(np.mean(f)) for p, f in faults.items() if p in stats},
+    )
 
 
 # ---------------------------------------------------------------------------- results
@@ -347,7 +384,7 @@ def main(argv: list[str] | None, *, prog: str, description: str, device: str, gr
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # every float32 provider at full precision
         warm_up_gpu(0.5 if quick else 3.0)
-    stats, peaks, skipped, per_round = run_grid(
+    stats, peaks, skipped, per_round, faults = run_grid(
         pts,
         args.device,
         rounds=rounds,
@@ -358,7 +395,11 @@ def main(argv: list[str] | None, *, prog: str, description: str, device: str, gr
     rows = []
     for p in (p for p in pts if p in stats):
         op, dtype, shape, mode, prov = p
-        rows.append(result_row(op, prov, mode, shape_label(shape), dtype, stats[p], peaks[p], name, versions))
+        rows.append(
+            result_row(
+                op, prov, mode, shape_label(shape), dtype, stats[p], peaks[p], name, versions, faults.get(p)
+            )
+        )
     path = write_csv(args.out / f"{label}-{start:%Y%m%d}.csv", rows)
     round_medians = {
         (op, shape_label(shape), dtype, mode, prov): medians

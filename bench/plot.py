@@ -5,8 +5,9 @@
 For ``<stem>.csv`` writes ``<stem>.md`` (one table per op and dtype: rows shape × mode,
 a column per provider with ``median ms (speed-up)``, speed-up = the op's baseline median /
 the provider's median from the same CSV; the device named in every table's caption; peak
-memory where measured; the goals of ``bench.goals``) and ``<stem>-<op>.png`` (speed-up
-against the baseline per shape, one panel per dtype and mode). Without matplotlib only the
+memory (GPU) and minor page faults per call (CPU) where measured; the goals of
+``bench.goals``) and ``<stem>-<op>.png`` (speed-up against the baseline per shape, one panel
+per dtype and mode). Without matplotlib only the
 markdown is written, and the command says so.
 """
 
@@ -52,7 +53,6 @@ def _caption(rows: list[dict]) -> str:
 def _op_table(rows: list[dict], op: str) -> list[str]:
     names = _providers(rows, op)
     median = {(r["shape"], r["mode"], r["provider"]): float(r["median"]) for r in rows}
-    peak = {(r["shape"], r["mode"], r["provider"]): r["peak_mem_mb"] for r in rows if r["peak_mem_mb"]}
     keys = _ordered((r["shape"], r["mode"]) for r in rows)
     lines = [
         "| shape | mode | " + " | ".join(names) + " |",
@@ -68,12 +68,19 @@ def _op_table(rows: list[dict], op: str) -> list[str]:
             else:
                 cells.append(f"{t:.4g} ({base / t:.2f}x)" if base else f"{t:.4g}")
         lines.append(f"| {shape} | {mode} | " + " | ".join(cells) + " |")
-    if peak:
-        lines += ["", f"Peak memory above the inputs, MB ({_caption(rows)}):", ""]
+    for column, title in (
+        ("peak_mem_mb", "Peak memory above the inputs, MB"),
+        ("faults_per_call", "Minor page faults per call (fresh 4 KiB pages of temporaries)"),
+    ):
+        # .get: CSVs written before a column existed lack it
+        values = {(r["shape"], r["mode"], r["provider"]): r.get(column) for r in rows if r.get(column)}
+        if not values:
+            continue
+        lines += ["", f"{title} ({_caption(rows)}):", ""]
         lines += ["| shape | mode | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
         for shape, mode in keys:
             lines.append(
-                f"| {shape} | {mode} | " + " | ".join(peak.get((shape, mode, p), "") for p in names) + " |"
+                f"| {shape} | {mode} | " + " | ".join(values.get((shape, mode, p), "") for p in names) + " |"
             )
     if op == "newton":
         for r in sorted({int(s) for s, _ in keys}):

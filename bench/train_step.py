@@ -187,14 +187,23 @@ def main(argv: list[str] | None = None) -> Path:
         result = {}
         for op, case in (("train_step", step), ("train_loss", loss_part)):
             if device == "cuda":
-                stats, peak = measure_gpu(case, 500, 3000), peak_mem_mb(case)
+                stats, peak, faults = measure_gpu(case, 500, 3000), peak_mem_mb(case), None
             else:
-                stats = quantiles(measure_cpu(case, 0.01 if args.smoke else 1.0, 0.0 if args.smoke else 1.0))
-                peak = None
+                times, faults = measure_cpu(case, 0.01 if args.smoke else 1.0, 0.0 if args.smoke else 1.0)
+                stats, peak = quantiles(times), None
             result[op] = stats[0]
             rows.append(
                 result_row(
-                    op, provider, "full", "x".join(map(str, shape)), dtype, stats, peak, name, versions
+                    op,
+                    provider,
+                    "full",
+                    "x".join(map(str, shape)),
+                    dtype,
+                    stats,
+                    peak,
+                    name,
+                    versions,
+                    faults,
                 )
             )
             print(f"{provider:>10s} {op:>10s}: median {stats[0]:10.3f} ms", flush=True)

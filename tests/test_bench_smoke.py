@@ -46,6 +46,7 @@ def test_run_cpu_quick_writes_csv_goals_table_and_plots(tmp_path, capsys):
     assert got == sorted(expected)
     for r in rows:
         assert r["dtype"] == "float32" and r["unit"] == "ms" and r["peak_mem_mb"] == "", r
+        assert float(r["faults_per_call"]) >= 0, r
         assert 0 < float(r["p20"]) <= float(r["median"]) <= float(r["p80"]), r
         assert r["device"] == harness.device_name("cpu") and r["torch"] == torch.__version__
     meta = json.loads(harness.goals_path(path).read_text())
@@ -56,7 +57,8 @@ def test_run_cpu_quick_writes_csv_goals_table_and_plots(tmp_path, capsys):
     assert (
         "Note: shared" in md and f"**layer**, float32, baseline iternorm_pytorch; {rows[0]['device']}" in md
     )
-    assert md.count("| 4x128x3x3 |") == 3
+    assert md.count("| 4x128x3x3 |") == 6  # the times and the page faults, each in 3 modes
+    assert "Minor page faults per call (fresh 4 KiB pages of temporaries)" in md
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     try:
         import matplotlib  # noqa: F401
@@ -261,11 +263,11 @@ def test_bad_provider_and_list_arguments():
         harness.main(["--dtypes", "fp8"], prog="p", description="d", device="cpu", grid="quick")
 
 
-def _row(op, shape, mode, provider, median, dtype="float32", peak=""):
+def _row(op, shape, mode, provider, median, dtype="float32", peak="", faults=""):
     return {
         "op": op, "provider": provider, "mode": mode, "shape": shape, "dtype": dtype, "median": str(median),
-        "p20": str(median), "p80": str(median), "unit": "ms", "peak_mem_mb": peak, "device": "Test CPU",
-        "torch": "2.0", "triton": "", "timestamp": "2026-01-02T03:04:05+00:00",
+        "p20": str(median), "p80": str(median), "unit": "ms", "peak_mem_mb": peak, "faults_per_call": faults,
+        "device": "Test CPU", "torch": "2.0", "triton": "", "timestamp": "2026-01-02T03:04:05+00:00",
     }  # fmt: skip
 
 
@@ -273,7 +275,7 @@ ROWS = [
     _row("channel", "512x2048", "full", "official", 6.0),
     _row("channel", "512x2048", "full", "cpu", 2.0),
     _row("channel", "512x2048", "full", "torch", 4.0),
-    _row("layer", "32x64x56x56", "full", "iternorm_pytorch", 3.0),
+    _row("layer", "32x64x56x56", "full", "iternorm_pytorch", 3.0, faults="12800"),
     _row("layer", "32x64x56x56", "full", "cpu", 2.0, peak="12.5"),
 ]
 
@@ -337,6 +339,10 @@ def test_markdown_table_ratios_devices_and_goals():
     assert "| 32x64x56x56 | full | 3 (1.00x) | 2 (1.50x) |" in lines
     assert "Peak memory above the inputs, MB (Test CPU (torch 2.0)):" in lines
     assert "| 32x64x56x56 | full |  | 12.5 |" in lines
+    assert "Minor page faults per call (fresh 4 KiB pages of temporaries) (Test CPU (torch 2.0)):" in lines
+    assert "| 32x64x56x56 | full | 12800 |  |" in lines
+    old = [{k: v for k, v in r.items() if k != "faults_per_call"} for r in ROWS]  # a CSV before the column
+    assert "Minor page faults" not in plot.markdown(old, goals.summarize_goals(old))
     assert (
         "| C1 | cpu >= 1.5x official (CPU) | channel | 512x2048 | float32 | full | 3.00x | 1.50x | met |"
         in lines
@@ -345,6 +351,27 @@ def test_markdown_table_ratios_devices_and_goals():
         "| C2-32x64x56x56 | cpu >= 2x iternorm_pytorch (CPU) | layer | 32x64x56x56 | float32 | full | 1.50x |"
         in md
     )
+
+
+def _thp_always() -> bool:
+    try:
+        return "[always]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator and Linux fault counts")
+@pytest.mark.skipif(_thp_always(), reason="transparent huge pages fault 2 MiB at a time")
+def test_cpu_timer_counts_page_faults_per_call():
+    """A fresh 64 MiB buffer per call (above glibc's largest mmap threshold, so mapped anew each
+    time) faults in its 16384 pages on every call; refilling a kept buffer does not."""
+    n = 16 * 2**20  # float32 elements: 64 MiB
+    kept = torch.empty(n)
+    kept.fill_(0)
+    _, fresh = harness.measure_cpu(providers.Case(lambda: torch.empty(n).fill_(1)), 0.05, 0.0)
+    _, reused = harness.measure_cpu(providers.Case(lambda: kept.fill_(1)), 0.05, 0.0)
+    assert 0.9 * 16384 <= fresh <= 1.2 * 16384, fresh
+    assert reused < 100, reused
 
 
 def test_plot_without_matplotlib_writes_the_table(tmp_path, monkeypatch, capsys):
@@ -387,7 +414,8 @@ def test_train_step_smoke_on_cpu(tmp_path):
     assert all(res["step_ms"] > 0 and res["loss_ms"] > 0 and res["share"] > 0 for res in p5.values())
     md = path.with_suffix(".md").read_text()
     assert f"**train_loss**, bfloat16, baseline official; {rows[0]['device']}" in md
-    assert md.count("| 8x3x32x32 | full |") == 2 and "Not measured" not in md
+    assert md.count("| 8x3x32x32 | full |") == 4 and "Not measured" not in md  # times, page faults
+    assert all(float(r["faults_per_call"]) >= 0 for r in rows)
 
 
 def test_official_intl_loss_is_the_paper_loss():
