@@ -7,8 +7,8 @@ a column per provider with ``median ms (speed-up)``, speed-up = the op's baselin
 the provider's median from the same CSV; the device named in every table's caption; peak
 memory (GPU) and minor page faults per call (CPU) where measured; the goals of
 ``bench.goals``) and ``<stem>-<op>.png`` (speed-up against the baseline per shape, one panel
-per dtype and mode). Without matplotlib only the
-markdown is written, and the command says so.
+per dtype and mode). Without matplotlib only the markdown is written, and the command says
+so.
 """
 
 from __future__ import annotations

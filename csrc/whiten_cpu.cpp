@@ -58,7 +58,7 @@ at::Tensor pow2_rscale(const at::Tensor& amax_in, double eps, at::ScalarType cdt
   auto amax = amax_in.to(cdt).view({amax_in.size(0), 1, 1});
   if (eps > 0.0) amax = amax.clamp_min(std::sqrt(eps));
   auto e = std::get<1>(at::frexp(amax)).clamp(range.first, range.second);
-  return at::ldexp(at::ones_like(amax), e.neg()).contiguous();
+  return at::ldexp(at::ones_like(amax), e.neg());
 }
 
 // The rescaled (kScaled) centring only where a group's max|z| leaves [2^-kUnscaledExp,
@@ -147,47 +147,26 @@ at::Tensor centred_rows(const at::Tensor& z_in, const at::Tensor& rscale, at::Te
         const scalar_t* src = zp + g * sg + i * sr;
         acc_t* dst = out + g * zc_sg + i * n;
         const acc_t z0 = static_cast<acc_t>(src[0]);
+        // kUnscaled: s = 1 and m0 = 0, so the element is exactly v − z0.
+        const acc_t s = kMax ? acc_t(1) : sp[g];
+        const acc_t m0 = kComputeMean ? acc_t(0) : mp[row];
         bits_t mx = 0;
-        if constexpr (kMax) {
-          // One pass: the shifted row and max|z|.
-          auto run = [&](const scalar_t* from, acc_t* to, int64_t len) {
-            for (int64_t l = 0; l < len; ++l) {
-              const acc_t v = static_cast<acc_t>(from[l]);
-              to[l] = v - z0;
-              mx = max_bits(mx, abs_bits(v));
-            }
-          };
-          if (s2 == 1 && (n1 == 1 || s1 == n2)) {
-            run(src, dst, n);
-          } else if (s2 == 1) {
-            for (int64_t b = 0; b < n1; ++b) run(src + b * s1, dst + b * n2, n2);
-          } else {
-            for_columns(n1, n2, s1, s2, [&](int64_t j, int64_t off) {
-              const acc_t v = static_cast<acc_t>(src[off]);
-              dst[j] = v - z0;
-              mx = max_bits(mx, abs_bits(v));
-            });
+        auto put = [&](acc_t v, acc_t& d) {
+          d = (v - z0) * s - m0;
+          if constexpr (kMax) mx = max_bits(mx, abs_bits(v));
+        };
+        if (s2 == 1 && (n1 == 1 || s1 == n2)) {  // one contiguous run: vectorisable
+          for (int64_t j = 0; j < n; ++j) put(static_cast<acc_t>(src[j]), dst[j]);
+        } else if (s2 == 1) {  // NCHW groups: n1 contiguous runs of n2
+          for (int64_t b = 0; b < n1; ++b) {
+            const scalar_t* run = src + b * s1;
+            acc_t* d = dst + b * n2;
+            for (int64_t l = 0; l < n2; ++l) put(static_cast<acc_t>(run[l]), d[l]);
           }
-          acc_t m;
-          std::memcpy(&m, &mx, sizeof m);
-          maxp[row] = m;
         } else {
-          const acc_t s = sp[g];
-          const acc_t m0 = kComputeMean ? acc_t(0) : mp[row];
-          if (s2 == 1 && (n1 == 1 || s1 == n2)) {  // one contiguous run: vectorisable
-            for (int64_t j = 0; j < n; ++j) dst[j] = (static_cast<acc_t>(src[j]) - z0) * s - m0;
-          } else if (s2 == 1) {  // NCHW groups: n1 contiguous runs of n2
-            for (int64_t b = 0; b < n1; ++b) {
-              const scalar_t* run = src + b * s1;
-              acc_t* d = dst + b * n2;
-              for (int64_t l = 0; l < n2; ++l) d[l] = (static_cast<acc_t>(run[l]) - z0) * s - m0;
-            }
-          } else {
-            for_columns(n1, n2, s1, s2, [&](int64_t j, int64_t off) {
-              dst[j] = (static_cast<acc_t>(src[off]) - z0) * s - m0;
-            });
-          }
+          for_columns(n1, n2, s1, s2, [&](int64_t j, int64_t off) { put(static_cast<acc_t>(src[off]), dst[j]); });
         }
+        if constexpr (kMax) std::memcpy(&maxp[row], &mx, sizeof mx);
         if (kComputeMean) {
           mp[row] = static_cast<acc_t>(row_sum(dst, n) / static_cast<double>(n));
           const acc_t m = mp[row];
