@@ -7,7 +7,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*)
 STAMP := $(VENV)/.intl_kernels-installed
 
-.PHONY: install test test-cuda compile-check demo bench bench-gpu lint format clean
+.PHONY: install test test-cuda gpu-check compile-check compile-budget demo bench bench-gpu lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,9 +34,23 @@ test-cuda:
 	INTL_KERNELS_CUDA_ARCHS=$(GPU_ARCH) $(GPU_PY) setup.py build_ext --inplace
 	$(GPU_PY) -m pytest -m cuda tests
 
-# Every Triton kernel variant (all autotuning configs) compiled for sm_80 and sm_90; no GPU needed.
+# On a GPU machine, the one command (python3 with torch, triton, pytest; no network, installs
+# nothing): build for this GPU, warm-up compile, smoke, goals, GPU suite within GPU_CHECK_BUDGET
+# seconds; results in GPU_CHECK_DIR (summary.json, summary.md, log, JUnit XML, bench files).
+GPU_CHECK_DIR ?= gpu-check
+GPU_CHECK_BUDGET ?= 540
+gpu-check:
+	$(GPU_PY) -m bench.gpu_check --out $(GPU_CHECK_DIR) --budget $(GPU_CHECK_BUDGET)
+
+# Resource gate: every kept Triton launch config compiled for sm_80 and sm_90 (shared memory
+# within the limit, no spills); no GPU needed. `make test` runs it (tests/test_triton_compile.py).
 compile-check: install
 	$(PY) -m intl_kernels.triton.compile_check
+
+# Compile budget of a first GPU run of the goal points, counted and compiled here:
+# bench/results/compile-budget-sm90.json.
+compile-budget: install
+	$(PY) -m bench.compile_budget --compile
 
 demo: install
 	$(PY) -m intl_kernels.demo

@@ -77,6 +77,17 @@ GRIDS = {
         {"channel": ((256, 2048), (512, 2048)), "crops": ((6, 256, 2048),), "layer": C2_SHAPES, "newton": ()},
         ("float32",),
     ),
+    # the goal points P1-P4 alone (`make gpu-check`, tier goals; `bench.compile_budget`)
+    "goals": Grid(
+        {
+            "channel": ((256, 8192),),
+            "crops": ((6, 256, 8192),),
+            "layer": RESNET50_STAGES,
+            "newton": ((4096,),),
+        },
+        ("float32", "bfloat16"),
+        only={"compiled": ("256x8192",)},
+    ),
     # `make bench-gpu`: goals P1-P4; compiling with autotuning costs about a minute per
     # shape, so `compiled` runs at the P1 point only
     "full": Grid(
@@ -209,8 +220,14 @@ def parse_subset(text: str, allowed: list[str] | tuple[str, ...], arg: str) -> l
     return names
 
 
+# Providers whose first call compiles for minutes (torch.compile with autotuning): run after
+# every other point, so that a deadline cuts them and not the rest.
+RUN_LAST = ("compiled",)
+
+
 def points(grid: Grid, ops, dtypes, modes, providers) -> list[tuple]:
-    """(op, dtype, shape, mode, provider) in run order; providers of one (shape, mode) adjacent."""
+    """(op, dtype, shape, mode, provider) in run order; providers of one (shape, mode) adjacent,
+    except ``RUN_LAST`` providers, which come after all others."""
     out = []
     for op in ops:
         for dtype in dtypes:
@@ -220,7 +237,7 @@ def points(grid: Grid, ops, dtypes, modes, providers) -> list[tuple]:
                     for p in providers:
                         if runs(p, op, dtype, shape) and label in grid.only.get(p, (label,)):
                             out.append((op, dtype, shape, mode, p))
-    return out
+    return [p for p in out if p[4] not in RUN_LAST] + [p for p in out if p[4] in RUN_LAST]
 
 
 def result_row(
@@ -271,10 +288,13 @@ def _time_point(point, device: str, min_run_time: float, warmup_s: float, quick:
     return measure_cpu(case, min_run_time, warmup_s), None
 
 
-def run_grid(pts, device: str, *, rounds: int, min_run_time: float, warmup_s: float, quick: bool):
+def run_grid(
+    pts, device: str, *, rounds: int, min_run_time: float, warmup_s: float, quick: bool, deadline=None
+):
     """Times every point; returns ({point: (median, p20, p80)}, {point: peak MB or None}, skipped,
     {point: [median ms of each round]} (CPU; empty on GPU), {point: minor page faults per call,
-    mean over the rounds} (CPU; empty on GPU))."""
+    mean over the rounds} (CPU; empty on GPU)). Points not started by ``deadline`` (a
+    ``time.time()`` value) are skipped with that reason."""
     stats, peaks, skipped = {}, {}, {}
     faults: dict[tuple, list[float]] = {}
     times: dict[tuple, list[float]] = {p: [] for p in pts}
@@ -283,6 +303,11 @@ def run_grid(pts, device: str, *, rounds: int, min_run_time: float, warmup_s: fl
     for rnd in range(rounds):
         for i, point in enumerate(pts, 1):
             if point in skipped:
+                continue
+            if deadline is not None and time.time() >= deadline:
+                skipped[point] = "deadline: not started before the time budget ran out"
+                stats.pop(point, None)
+                print(f"[{i:3d}/{len(pts)}] {_describe(point)}: SKIPPED (deadline)", flush=True)
                 continue
             t0 = time.perf_counter()
             try:
@@ -350,6 +375,9 @@ def main(argv: list[str] | None, *, prog: str, description: str, device: str, gr
     )
     ap.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads (default: torch's)")
     ap.add_argument("--note", default="", help="a remark stored with the results (e.g. 'shared machine')")
+    ap.add_argument(
+        "--deadline", type=float, default=None, help="skip points not started by this time.time() value"
+    )
     args = ap.parse_args(argv)
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -391,6 +419,7 @@ def main(argv: list[str] | None, *, prog: str, description: str, device: str, gr
         min_run_time=min_run_time,
         warmup_s=0.0 if quick else 0.1,
         quick=quick,
+        deadline=args.deadline,
     )
     rows = []
     for p in (p for p in pts if p in stats):

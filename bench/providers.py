@@ -375,10 +375,13 @@ def layer_products(
 
 def _newton_op(provider: str, r: int, device: str) -> Callable[[], object]:
     """Newton part from a fixed covariance S (one group): (τ, A, P_1..P_T, P_1²..P_{T-1}²)."""
-    g = torch.Generator(device="cpu").manual_seed(0)
-    z = torch.randn(1, r, 2 * r, generator=g).to(device)
-    zc = z - z.mean(-1, keepdim=True)
-    S = (zc @ zc.mT / (2 * r - 1)).contiguous()
+    if device == "meta":  # launch recording: shapes only
+        S = torch.empty(1, r, r, device=device)
+    else:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        z = torch.randn(1, r, 2 * r, generator=g).to(device)
+        zc = z - z.mean(-1, keepdim=True)
+        S = (zc @ zc.mT / (2 * r - 1)).contiguous()
     if provider == "triton":
         from intl_kernels.triton.whiten import _whiten_newton_fwd
 
@@ -436,7 +439,8 @@ def make_case(
         shape: (N, D) for channel, (B, N, D) for crops, (N, C, H, W) for layer, (r,) for newton.
         dtype: "float32" or "bfloat16" (the input's dtype).
         mode: "fwd", "bwd" or "full" ("fwd" only for newton).
-        device: "cpu" or "cuda".
+        device: "cpu" or "cuda"; "meta" builds shape-only inputs, for recording the launches
+            a point makes (``intl_kernels.triton.launches``).
         seed: seed of the standard normal input and upstream gradient.
 
     Returns:
@@ -456,7 +460,7 @@ def make_case(
         if mode != "fwd" or dtype != "float32":
             raise ValueError(f"op 'newton' runs mode 'fwd' in float32 only, got {mode!r}, {dtype!r}")
         return Case(_newton_op(provider, shape[0], device))
-    g = torch.Generator(device=device).manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed) if device != "meta" else None
     if provider == "products":
         return Case(layer_products(shape, mode, device, g))
     x = torch.randn(shape, generator=g, device=device).to(DTYPES[dtype]).requires_grad_(True)

@@ -29,6 +29,7 @@ import argparse
 import datetime as dt
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -143,6 +144,9 @@ def main(argv: list[str] | None = None) -> Path:
     )
     ap.add_argument("--note", default="", help="a remark stored with the results")
     ap.add_argument("--out", type=Path, default=RESULTS, help=f"result directory (default: {RESULTS})")
+    ap.add_argument(
+        "--deadline", type=float, default=None, help="skip providers not started by this time.time() value"
+    )
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here")
@@ -181,8 +185,14 @@ def main(argv: list[str] | None = None) -> Path:
         torch.backends.cudnn.allow_tf32 = False
         warm_up_gpu(3.0)
     dtype = "bfloat16" if amp else "float32"
-    rows, summary = [], {}
+    rows, summary, skipped = [], {}, []
     for provider in names:
+        if args.deadline is not None and time.time() >= args.deadline:
+            skipped.append(provider)
+            print(
+                f"{provider:>10s}: SKIPPED (deadline: not started before the time budget ran out)", flush=True
+            )
+            continue
         step, loss_part = make_step(provider, model, views, amp)
         result = {}
         for op, case in (("train_step", step), ("train_loss", loss_part)):
@@ -227,6 +237,7 @@ def main(argv: list[str] | None = None) -> Path:
         f"{args.image_size}x{args.image_size}, autocast {dtype}, SGD",
         "smoke": args.smoke,
         "note": args.note,
+        "skipped": {p: "deadline" for p in skipped},
         "P5": summary,
     }
     json_path = path.with_suffix(".json")

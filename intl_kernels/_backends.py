@@ -105,6 +105,11 @@ def kernels(name: str) -> tuple[Callable, Callable]:
     return _KERNELS[name]
 
 
+def unavailable_reason(name: str) -> str | None:
+    """Why backend ``name`` does not work in this process (None when it does)."""
+    return None if _is_available(name) else _UNAVAILABLE_REASON.get(name, "unknown backend")
+
+
 def available_backends() -> list[str]:
     """Names of the backends that work in this process, e.g. ``['torch', 'cpu', 'triton']``."""
     return [name for name in KNOWN if _is_available(name)]

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from train import knn_eval, pretrain
+pytest.importorskip("torchvision", reason="the training code needs torchvision")
+from train import knn_eval, pretrain  # noqa: E402
 
 
 def _angles(*degrees: float) -> torch.Tensor:

@@ -11,11 +11,13 @@ from collections import Counter
 
 import pytest
 import torch
-from test_train import make_image_folder, run_module
 
-from train import linear_eval, pretrain
-from train.data import DigitsSource
-from train.models import load_backbone
+pytest.importorskip("torchvision", reason="the training code needs torchvision")
+from test_train import make_image_folder, run_module  # noqa: E402
+
+from train import linear_eval, pretrain  # noqa: E402
+from train.data import DigitsSource  # noqa: E402
+from train.models import load_backbone  # noqa: E402
 
 LINEAR = ["--data", "digits", "--batch-size", "128", "--threads", "1", "--workers", "0"]
 

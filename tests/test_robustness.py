@@ -7,8 +7,10 @@ import os
 import pytest
 import torch
 from conftest import CPU_BACKENDS, FP32_BACKENDS, HAS_TRITON, backend_device, describe_error
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+
+pytest.importorskip("hypothesis", reason="the property tests need hypothesis (pip install hypothesis)")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 import intl_kernels as ik
 

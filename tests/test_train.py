@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torchvision
-from PIL import Image
 
-from train import checkpoint as ckpt
-from train import monitor, pretrain
+torchvision = pytest.importorskip("torchvision", reason="the training tests need torchvision")
+Image = pytest.importorskip("PIL.Image", reason="the training tests need Pillow")
+
+from train import checkpoint as ckpt  # noqa: E402
+from train import monitor, pretrain  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny run: 16 images per class, 32 px, the small ResNet, a 32-32 projector, one thread.

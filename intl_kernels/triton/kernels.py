@@ -4,15 +4,16 @@ Data flow of one forward, for G groups Z_g (r × n, read through strides):
 
     _whiten_rowstats_kernel   per row: |z| max → power-of-two exponent, Σ(z − z₀) in the
                               row's own scale; group exponent by integer atomic max
-    _whiten_gram_kernel       S = Zc Zcᵀ/divisor + eps·I, centred on load, lower-triangle tiles
-                              only (mirrored), split-K partials when n ≫ r; trace partials
-    _whiten_gram_reduce_kernel  sums the split-K partials in a fixed order, mirrors, adds eps
-    r ≤ 128: _whiten_newton_fwd_kernel   one program per group: τ, A, all T steps
-    r > 128: _whiten_newton_prep_kernel + _whiten_mm_kernel (triangle-only products)
+    _whiten_gram_kernel       Zc Zcᵀ/divisor, centred on load, lower-triangle tiles only,
+                              split-K partials over the columns
+    _whiten_gram_reduce_kernel  sums the partials in a fixed order, mirrors, adds eps·I,
+                              trace partials
+    r ≤ 64:  _whiten_newton_fwd_kernel   one program per group: τ, A, all T steps
+    r > 64:  _whiten_newton_prep_kernel + _whiten_mm_kernel (triangle-only products)
     _whiten_apply_kernel      Y = P_T/√τ · Zc, centring and scaling fused, strided output
 
 and of the backward: _whiten_gram_kernel (HAS_DY: sym(Ȳ Zcᵀ) and Ȳ row sums),
-_whiten_newton_bwd_kernel (r ≤ 128) or _whiten_mm_kernel steps (r > 128), and
+_whiten_newton_bwd_kernel (r ≤ 64) or _whiten_mm_kernel steps (r > 64), and
 _whiten_apply_kernel (HAS_DY: Z̄ = 2^-e (P_T/√τ · (Ȳ − mean Ȳ) + M · Zc)).
 
 Conventions: statistics are float32; tensor-core operands are the input dtype for
@@ -178,26 +179,27 @@ def _gram_epilogue(acc, OUT, TRP, g, bi, bj, rows_i, rows_j, r, eps_s, NB, DIAG_
             tl.store(TRP + g * NB + bi, tl.sum(tl.sum(tl.where(diag, acc, 0.0), axis=1), axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_groups", "size_class"])
 def _whiten_gram_kernel(
     Z, DY, ROWSUM, ROWEXP, GEXP, MEAN, RSCALE,
-    OUT, TRP, DYSUM,
-    r, n, n2, k_chunk, n_groups, inv_div, sqrt_eps,
+    OUT, DYSUM,
+    r, n, n2, k_chunk, n_groups, size_class, inv_div,
     s_zg, s_zr, s_z1, s_z2,
     s_dg, s_dr, s_d1, s_d2,
     BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, FROM_ROWSTATS: tl.constexpr, HAS_DY: tl.constexpr,
-    FINAL: tl.constexpr, HAS_TRACE: tl.constexpr, TWO_LEVEL: tl.constexpr, PREC: tl.constexpr,
+    TWO_LEVEL: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """Lower-triangle tiles of S = Zc Zcᵀ·inv_div (+ eps·2^-2e·I), or of Ȳ Zcᵀ + Zc Ȳᵀ (HAS_DY).
+    """Lower-triangle tiles of Zc Zcᵀ·inv_div, or of Ȳ Zcᵀ + Zc Ȳᵀ (HAS_DY), split over columns.
 
     Grid (nb(nb+1)/2, SPLIT, G), nb = cdiv(r, BLOCK); split s covers columns
-    [s·k_chunk, (s+1)·k_chunk). FINAL (SPLIT == 1): the finished tile and its mirror go to
-    OUT (G, r, r) with the ridge and the trace partial TRP[g, bi]; else the raw partial
-    tile goes to OUT (SPLIT, G, r, r) for ``_whiten_gram_reduce_kernel``.
+    [s·k_chunk, (s+1)·k_chunk) and writes its raw partial tile to OUT (SPLIT, G, r, r);
+    ``_whiten_gram_reduce_kernel`` sums the partials in split order and finishes the tiles
+    (one epilogue for every split count keeps this kernel's registers for the product).
     FROM_ROWSTATS (forward): the centring constants come from the row statistics, and
     split 0 stores them as MEAN (G, r) and RSCALE (G,) for the backward; otherwise they
     are read from MEAN/RSCALE. HAS_DY: diagonal tiles also store the row sums of Ȳ over
-    their columns in DYSUM (SPLIT, G, r).
+    their columns in DYSUM (SPLIT, G, r). ``size_class`` is what the autotuner keys on (r
+    and n rounded up to powers of two); the kernel does not read it.
     """
     tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -267,23 +269,19 @@ def _whiten_gram_kernel(
         else:
             acc = _mma(a_i.to(op_dtype), tl.trans(a_j.to(op_dtype)), acc, PREC)
     acc = acc * inv_div
-    nb = tl.cdiv(r, BLOCK)
-    if FINAL:
-        eps_s = sqrt_eps * rscale
-        _gram_epilogue(acc, OUT, TRP, g, bi, bj, rows_i, rows_j, r, eps_s * eps_s, nb, HAS_TRACE)
-    else:
-        base = OUT + (g.to(tl.int64) + split * n_groups) * r * r
-        tl.store(base + rows_i[:, None] * r + rows_j[None, :], acc, mask=mi[:, None] & mj[None, :])
+    base = OUT + (g.to(tl.int64) + split * n_groups) * r * r
+    tl.store(base + rows_i[:, None] * r + rows_j[None, :], acc, mask=mi[:, None] & mj[None, :])
     if HAS_DY:
         if bi == bj:
             tl.store(DYSUM + (split * n_groups + g) * r + rows_i, dysum, mask=mi)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_groups", "n_split"])
 def _whiten_gram_reduce_kernel(
     PART, OUT, TRP, RSCALE, r, n_groups, n_split, sqrt_eps, BLOCK: tl.constexpr, HAS_TRACE: tl.constexpr
 ):
-    """Sum the split-K partial tiles (fixed order), then the FINAL epilogue of the gram kernel.
+    """Sum the split-K partial tiles in split order, then finish each tile: symmetrise the
+    diagonal tiles, add the ridge, store tile and mirror and (HAS_TRACE) the trace partials.
 
     Grid (nb(nb+1)/2, G). PART: (SPLIT, G, r, r) with lower-triangle tiles valid.
     """
@@ -301,7 +299,7 @@ def _whiten_gram_reduce_kernel(
     _gram_epilogue(acc, OUT, TRP, g, bi, bj, rows_i, rows_j, r, eps_s * eps_s, tl.cdiv(r, BLOCK), HAS_TRACE)
 
 
-# --- Newton iteration: one program per group (r <= 128) -----------------------------------
+# --- Newton iteration: one program per group (r <= 64) ------------------------------------
 # The group's r × r matrices live in global memory (L1/L2 resident at this size); each
 # product loops over K in BLOCK_K chunks, so code size and registers stay bounded for any
 # BLOCK, and a CTA barrier orders every store before the loads that consume it.
@@ -332,7 +330,7 @@ def _group_square(g, r, BLOCK: tl.constexpr):
     return idx, valid, eye, idx[:, None] * r + idx[None, :], rr, g.to(tl.int64) * rr
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_groups", "n_steps"])
 def _whiten_newton_fwd_kernel(
     S, TAU, A, P, X, WS, r, n_groups, n_steps, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr
 ):
@@ -364,13 +362,13 @@ def _whiten_newton_fwd_kernel(
         tl.store(P + (g.to(tl.int64) + k * n_groups) * rr + offs, p, mask=valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_groups", "n_steps", "n", "n_split"])
 def _whiten_newton_bwd_kernel(
     GM, TAU, A, P, X, DYSUM, M, DYMEAN, WS,
     r, n_groups, n_steps, n, n_split, inv_div,
     BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """The whole adjoint recursion of DESIGN §3 for one group per program (r <= 128).
+    """The whole adjoint recursion of DESIGN §3 for one group per program (r <= 64).
 
     GM = Ȳ Zcᵀ + Zc Ȳᵀ = 2·sym(W̄). With W = P_T/√τ: P̄_T = W̄/√τ, τ̄ = −⟨W̄, W⟩/(2τ); for
     k = T−1..1, D = sym(P̄_{k+1}), E = P_k D, H = X_k D + (X_k D)ᵀ + E P_k,
@@ -419,10 +417,10 @@ def _whiten_newton_bwd_kernel(
     tl.store(DYMEAN + g * r + idx, dys / n, mask=rmask)
 
 
-# --- Newton iteration: tiled (r > 128) ----------------------------------------------------
+# --- Newton iteration: tiled (r > 64) -----------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["nb"])
 def _whiten_newton_prep_kernel(S, TRP, TAU, A, P1, r, nb, BLOCK: tl.constexpr):
     """τ = Σ trace partials; A = S/τ and P_1 = (3I − A)/2, elementwise. Grid (cdiv(r², BLOCK), G)."""
     pid = tl.program_id(0)
@@ -459,10 +457,10 @@ def _mm_tile_acc(acc, L, R, rows, cols, r, s_lr, s_lc, s_rr, s_rc, BLOCK_K: tl.c
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["size_class"])
 def _whiten_mm_kernel(
     L1, R1, L2, R2, E, OUT,
-    r, alpha, beta,
+    r, size_class, alpha, beta,
     s_l1r, s_l1c, s_r1r, s_r1c, s_l2r, s_l2c, s_r2r, s_r2c,
     BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, LOWER: tl.constexpr, HAS_PAIR2: tl.constexpr,
     HAS_E: tl.constexpr, PREC: tl.constexpr,
@@ -473,7 +471,8 @@ def _whiten_mm_kernel(
     through its (row, column) strides. LOWER: the result is known to be symmetric, so
     only lower-triangle tiles are computed (grid (nb(nb+1)/2, G)) and mirrored; diagonal
     tiles are symmetrised exactly. Otherwise full tiles (grid (nb·nb, G)). E is read at
-    row-major (i, j); it must not alias OUT (the autotuner reruns the kernel).
+    row-major (i, j); it must not alias OUT (the autotuner reruns the kernel). ``size_class``:
+    what the autotuner keys on; not read.
     """
     t = tl.program_id(0)
     g = tl.program_id(1)
@@ -513,10 +512,10 @@ def _whiten_mm_kernel(
 # --- apply -------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["size_class"])
 def _whiten_apply_kernel(
     L1, L2, Z, DY, MEAN, RSCALE, TAU, DYMEAN, OUT,
-    r, n, n2,
+    r, n, n2, size_class,
     s_zg, s_zr, s_z1, s_z2,
     s_dg, s_dr, s_d1, s_d2,
     s_og, s_or, s_o1, s_o2,
@@ -527,7 +526,8 @@ def _whiten_apply_kernel(
 
     L1 = P_T and L2 = M are (G, r, r) float32; Zc is centred on load from Z (shift by the
     first column, MEAN, RSCALE = 2^-e); the output is written through its strides in
-    OUT's dtype. Grid (cdiv(n, BLOCK_N), cdiv(r, BLOCK_M), G).
+    OUT's dtype. Grid (cdiv(n, BLOCK_N), cdiv(r, BLOCK_M), G). ``size_class``: what the
+    autotuner keys on; not read.
     """
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)

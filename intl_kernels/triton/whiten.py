@@ -6,11 +6,12 @@ Function and the fake implementations are shared with the other backends. Kernel
 ``kernels.py``; see its header for the data flow.
 
 Limits: float32, bfloat16 and float16 inputs (float64: use the torch or cpu backend);
-statistics are float32. r <= 128 runs the Newton iteration and its adjoint in one
+statistics are float32. r <= 64 runs the Newton iteration and its adjoint in one
 program per group; larger r uses tiled triangle-only products, one launch per product.
 No host synchronisation: every launch decision depends on shapes only, τ and the
-rescale stay on the device. The first call for a new (r, n, dtype) autotunes on a GPU
-(benchmarking synchronises once); warm up before capturing a CUDA graph.
+rescale stay on the device. r <= 128 launches one config per kernel (formulas below); for
+larger r the first call of a size class autotunes a short list on the GPU (benchmarking
+synchronises once; timings are cached on disk); warm up before capturing a CUDA graph.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from intl_kernels.triton import kernels as K
 from intl_kernels.triton._config import INTERPRET, autotune
 from intl_kernels.whiten import _safe_tau, fake_whiten_bwd, fake_whiten_fwd
 
-SMALL_R_MAX = 128  # one program per group up to here (fp32 r × r matrices in registers)
+SMALL_R_MAX = 128  # streaming kernels use the per-r formulas (no autotuning) up to here
+NEWTON_PROGRAM_MAX = 64  # one program per group runs the Newton iteration up to here
 PRECISION_MODES = {None: "ieee", "ieee": "ieee", "tf32": "tf32", "tf32x3": "tf32x3"}
 DTYPES = _BACKEND_DTYPES["triton"]
 _MIN_SPLIT_COLUMNS = 512  # fewest columns one split-K program handles
@@ -71,47 +73,139 @@ def _split_k(n: int, tiles: int, device: torch.device, split: int | None) -> tup
     return triton.cdiv(n, chunk), chunk
 
 
-# --- autotuned kernels ------------------------------------------------------------------
-# Config lists: (meta, num_warps, num_stages); a single small config under the interpreter.
+# --- launch configurations ---------------------------------------------------------------
+# A config is (meta, num_warps, num_stages). r <= SMALL_R_MAX (the IterNorm layer's channel
+# groups: memory-bound streaming over long columns, and the one-program Newton iteration):
+# one config per kernel from the formulas below, no autotuning. r > SMALL_R_MAX (channel
+# whitening, the tiled Newton products): a short list autotuned once per size class (r and n
+# rounded up to powers of two), pruned to the configs of the input's product kind before
+# anything is compiled, timings cached on disk. Every config a launcher can pick compiles for
+# sm_80 and sm_90 within the shared-memory limit and without spills: ``python -m
+# intl_kernels.triton.compile_check`` (part of ``make test``) enforces it; the figures quoted
+# are sm_90 ptxas. Under the interpreter every kernel has one small config.
+#
+# Four kinds of product (``product_kind``): float32 operands at full precision ("ieee")
+# lower to FMA, whose operand fragments live in registers (BLOCK_K 16, 8 warps); "tf32x3"
+# issues three tensor-core products per tile; "tf32" and "half" (bf16/fp16 operands) one.
+# Tiles hold 4096 outputs wherever sm_80's register-resident mma.sync operands spill with
+# 8192 (sm_80 allocates more registers than sm_90's wgmma, which reads shared memory).
 
-_gram = autotune(
+_INTERP_GRAM = ({"BLOCK_K": 64}, 4, 1)
+_INTERP_APPLY = ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, 4, 1)
+_INTERP_MM = ({"BLOCK": 64, "BLOCK_K": 64}, 4, 1)
+_INTERP_NEWTON = ({"BLOCK_K": 64, "PREC": "ieee"}, 4, 1)
+KINDS = ("fma", "tf32x3", "tf32", "half")
+
+
+def size_class(r: int, n: int = 1) -> int:
+    """What the autotuners key on: 64·log2(r') + log2(n') with r', n' = r, n rounded up to
+    powers of two, so one autotuning covers every shape of a class."""
+    return 64 * (triton.next_power_of_2(r).bit_length() - 1) + triton.next_power_of_2(n).bit_length() - 1
+
+
+def product_kind(dtype: torch.dtype, prec: str) -> str:
+    """The kind of matrix product (``KINDS``) for input dtype and precision mode."""
+    if dtype == torch.float32:
+        return {"ieee": "fma", "tf32x3": "tf32x3", "tf32": "tf32"}[prec]
+    return "half"
+
+
+def gram_config(r: int, dtype: torch.dtype, prec: str) -> tuple[dict, int, int]:
+    """Covariance / sym(Ȳ Zcᵀ) tiles for r <= SMALL_R_MAX (BLOCK from r: ``_gram_block``).
+
+    BLOCK_K 16 for FMA and tf32x3 (tf32x3 spills from 32 on sm_80), 32 for tf32, 64 for
+    half operands; 8 warps (4 spill in the backward). sm_90 at r = 64, forward / backward:
+    FMA 80 / 162 registers; half 82 / 118 registers and 48 / 84 KB shared.
+    """
+    if INTERPRET:
+        return _INTERP_GRAM
+    return ({"BLOCK_K": {"fma": 16, "tf32x3": 16, "tf32": 32, "half": 64}[product_kind(dtype, prec)]}, 8, 3)
+
+
+def apply_config(r: int, dtype: torch.dtype, prec: str) -> tuple[dict, int, int]:
+    """Y = W·Zc (and the backward's two products) for r <= SMALL_R_MAX: one row block covers
+    all r rows, so every column tile of Z is read once; a tile holds 4096 outputs. sm_90 at
+    r = 64: FMA 64×64×16: 128 / 146 registers forward / backward; no spills."""
+    if INTERPRET:
+        return _INTERP_APPLY
+    bm = min(max(16, triton.next_power_of_2(r)), SMALL_R_MAX)
+    bk = 16 if product_kind(dtype, prec) == "fma" else 32
+    return ({"BLOCK_M": bm, "BLOCK_N": max(32, 4096 // bm), "BLOCK_K": bk}, 8, 3)
+
+
+def newton_config(r: int) -> tuple[dict, int, int]:
+    """One program per group for r <= NEWTON_PROGRAM_MAX: BLOCK = r rounded up (>= 16), its
+    r × r tiles in registers, full float32 precision in every mode (a latency-bound
+    iteration that tensor cores would not speed up; tf32x3 spills on sm_80). sm_90 at
+    BLOCK 64, 8 warps: 144 / 222 registers, no spills. BLOCK 128 spills in every config
+    (8 warps: 255 registers and a stack; 16 warps: capped at 128 registers, 96-348 B of
+    spill stores), so r > 64 takes the tiled products."""
+    if INTERPRET:
+        return _INTERP_NEWTON
+    return ({"BLOCK_K": 16, "PREC": "ieee"}, 4 if r <= 32 else 8, 1)
+
+
+def _tuned(kernel, key, lists, interp):
+    """Autotuner over the per-kind lists, pruned to the launch's kind before compiling."""
+
+    def prune(configs, nargs, **kwargs):
+        z = nargs.get("Z", nargs.get("L1"))
+        return lists[product_kind(z.dtype, kwargs.get("PREC", nargs.get("PREC")))]
+
+    return autotune(kernel, key=key, gpu=[c for k in KINDS for c in lists[k]], interp=interp, prune=prune)
+
+
+# r > SMALL_R_MAX (channel whitening): BLOCK = 64 gram tiles. A kind with one config is not
+# benchmarked.
+_HALF_APPLY = [
+    ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 8, 3),
+    ({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, 8, 3),
+]
+_gram = _tuned(
     K._whiten_gram_kernel,
-    key=["r", "n", "HAS_DY", "PREC"],
-    gpu=[({"BLOCK_K": bk}, w, s) for bk in (32, 64, 128) for w, s in ((4, 3), (8, 3), (4, 4))],
-    interp=({"BLOCK_K": 64}, 4, 1),
+    ["size_class", "HAS_DY", "PREC"],
+    {
+        "fma": [({"BLOCK_K": 16}, 8, 3)],
+        "tf32x3": [({"BLOCK_K": 16}, 8, 3)],
+        "tf32": [({"BLOCK_K": 32}, 8, 3), ({"BLOCK_K": 16}, 8, 3)],
+        "half": [({"BLOCK_K": 64}, 8, 3), ({"BLOCK_K": 32}, 8, 3)],
+    },
+    _INTERP_GRAM,
 )
-_apply = autotune(
+_apply = _tuned(
     K._whiten_apply_kernel,
-    key=["r", "n", "HAS_DY", "PREC"],
-    gpu=[
-        ({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, w, s)
-        for bm, bn in ((64, 64), (64, 128), (128, 64), (128, 128))
-        for bk, w, s in ((32, 4, 3), (32, 8, 3), (64, 4, 3), (64, 8, 4))
-    ],
-    interp=({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, 4, 1),
+    ["size_class", "HAS_DY", "PREC"],
+    {
+        "fma": [
+            ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16}, 8, 3),
+            ({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16}, 8, 3),
+        ],
+        "tf32x3": [
+            ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 8, 3),
+            ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16}, 8, 3),
+        ],
+        "tf32": _HALF_APPLY,
+        "half": _HALF_APPLY,
+    },
+    _INTERP_APPLY,
 )
-_mm_kernel = autotune(
+_mm_kernel = _tuned(
     K._whiten_mm_kernel,
-    key=["r", "LOWER", "HAS_PAIR2", "PREC"],
-    gpu=[
-        ({"BLOCK": b, "BLOCK_K": bk}, w, s)
-        for b in (32, 64, 128)
-        for bk, w, s in ((32, 4, 3), (32, 8, 3), (64, 8, 3))
-    ],
-    interp=({"BLOCK": 64, "BLOCK_K": 64}, 4, 1),
+    ["size_class", "LOWER", "HAS_PAIR2", "HAS_E", "PREC"],
+    {
+        "fma": [({"BLOCK": 64, "BLOCK_K": 16}, 8, 3), ({"BLOCK": 32, "BLOCK_K": 16}, 4, 3)],
+        "tf32x3": [({"BLOCK": 64, "BLOCK_K": 32}, 4, 3), ({"BLOCK": 64, "BLOCK_K": 32}, 8, 3)],
+        "tf32": [({"BLOCK": 128, "BLOCK_K": 32}, 8, 3), ({"BLOCK": 64, "BLOCK_K": 32}, 4, 3)],
+        "half": [({"BLOCK": 128, "BLOCK_K": 32}, 8, 3), ({"BLOCK": 64, "BLOCK_K": 32}, 4, 3)],
+    },
+    _INTERP_MM,
 )
-_newton_fwd = autotune(
-    K._whiten_newton_fwd_kernel,
-    key=["r", "PREC"],
-    gpu=[({"BLOCK_K": bk}, w, 1) for bk in (16, 32) for w in (4, 8, 16)],
-    interp=({"BLOCK_K": 64}, 4, 1),
-)
-_newton_bwd = autotune(
-    K._whiten_newton_bwd_kernel,
-    key=["r", "PREC"],
-    gpu=[({"BLOCK_K": bk}, w, 1) for bk in (16, 32) for w in (4, 8, 16)],
-    interp=({"BLOCK_K": 64}, 4, 1),
-)
+
+
+def _launch(kernel, grid, config, *args, **kwargs):
+    """kernel[grid](*args, **kwargs) with one (meta, num_warps, num_stages) config."""
+    meta, num_warps, num_stages = config
+    kernel[grid](*args, **kwargs, **meta, num_warps=num_warps, num_stages=num_stages)
 
 
 # --- launchers --------------------------------------------------------------------------
@@ -173,21 +267,23 @@ def _whiten_gram(
     else:
         rowsum = rowexp = gexp = S  # unused
         dysum = torch.empty((n_split, G, r), **f32)
-    final = n_split == 1
-    out = S if final else torch.empty((n_split, G, r, r), **f32)
+    out = torch.empty((n_split, G, r, r), **f32)
     sg, sr, s1, s2, two = _col_strides(z4)
     dg, dr, d1, d2, _ = _col_strides(dy4)
-    _gram[(tiles, n_split, G)](
-        z4, dy4, rowsum, rowexp, gexp, mean, rscale, out, trp, dysum,
-        r, n, n2, chunk, G, 1.0 / divisor, sqrt_eps,
+    args = (
+        z4, dy4, rowsum, rowexp, gexp, mean, rscale, out, dysum,
+        r, n, n2, chunk, G, size_class(r, n), 1.0 / divisor,
         sg, sr, s1, s2, dg, dr, d1, d2,
-        BLOCK=block, FROM_ROWSTATS=forward, HAS_DY=not forward, FINAL=final, HAS_TRACE=forward,
-        TWO_LEVEL=two, PREC=prec,
     )  # fmt: skip
-    if not final:
-        K._whiten_gram_reduce_kernel[(tiles, G)](
-            out, S, trp, rscale, r, G, n_split, sqrt_eps, BLOCK=block, HAS_TRACE=forward, num_warps=4
-        )
+    flags = dict(BLOCK=block, FROM_ROWSTATS=forward, HAS_DY=not forward, TWO_LEVEL=two, PREC=prec)
+    grid = (tiles, n_split, G)
+    if r <= SMALL_R_MAX:
+        _launch(K._whiten_gram_kernel, grid, gram_config(r, z4.dtype, prec), *args, **flags)
+    else:
+        _gram[grid](*args, **flags)
+    K._whiten_gram_reduce_kernel[(tiles, G)](
+        out, S, trp, rscale, r, G, n_split, sqrt_eps, BLOCK=block, HAS_TRACE=forward, num_warps=4
+    )
     if forward:
         return S, trp, mean, rscale
     return S, dysum
@@ -212,7 +308,7 @@ def _mm(l1, r1, *, pair2=None, e=None, alpha=1.0, beta=0.0, lower=True, prec="ie
         return (nb * (nb + 1) // 2 if lower else nb * nb, G)
 
     _mm_kernel[grid](
-        l1, r1, l2, r2, e if e is not None else out, out, r, alpha, beta,
+        l1, r1, l2, r2, e if e is not None else out, out, r, size_class(r), alpha, beta,
         *rc(l1), *rc(r1), *rc(l2), *rc(r2),
         LOWER=lower, HAS_PAIR2=pair2 is not None, HAS_E=e is not None, PREC=prec,
     )  # fmt: skip
@@ -227,10 +323,13 @@ def _whiten_newton_fwd(S, trp, T: int, prec: str):
     A = torch.empty((G, r, r), **f32)
     P = torch.empty((T, G, r, r), **f32)
     X = torch.empty((T - 1, G, r, r), **f32)
-    if r <= SMALL_R_MAX:
+    if r <= NEWTON_PROGRAM_MAX:
         block = max(16, triton.next_power_of_2(r))
         ws = torch.empty((G, r, r), **f32)
-        _newton_fwd[(G,)](S, tau, A, P, X if T > 1 else P, ws, r, G, T, BLOCK=block, PREC=prec)
+        _launch(
+            K._whiten_newton_fwd_kernel, (G,), newton_config(r),
+            S, tau, A, P, X if T > 1 else P, ws, r, G, T, BLOCK=block,
+        )  # fmt: skip
         return tau, A, P, X
     block = 1024
     K._whiten_newton_prep_kernel[(triton.cdiv(r * r, block), G)](
@@ -247,14 +346,15 @@ def _whiten_newton_fwd(S, trp, T: int, prec: str):
 def _whiten_newton_bwd(GM, dysum, tau, A, P, X, n: int, divisor: float, prec: str):
     """(M = (S̄ + S̄ᵀ)/divisor (G, r, r), row means of Ȳ (G, r)) from GM = 2·sym(W̄)."""
     T, G, r, _ = P.shape
-    if r <= SMALL_R_MAX:
+    if r <= NEWTON_PROGRAM_MAX:
         M = torch.empty((G, r, r), dtype=torch.float32, device=GM.device)
         dymean = torch.empty((G, r), dtype=torch.float32, device=GM.device)
         block = max(16, triton.next_power_of_2(r))
         ws = torch.empty((3, G, r, r), dtype=torch.float32, device=GM.device)
-        _newton_bwd[(G,)](
+        _launch(
+            K._whiten_newton_bwd_kernel, (G,), newton_config(r),
             GM, tau, A, P, X if T > 1 else P, dysum, M, dymean, ws,
-            r, G, T, n, dysum.shape[0], 1.0 / divisor, BLOCK=block, PREC=prec,
+            r, G, T, n, dysum.shape[0], 1.0 / divisor, BLOCK=block,
         )  # fmt: skip
         return M, dymean
     # Tiled: every product below has a symmetric result except E = P_k D; the scalar glue
@@ -291,11 +391,16 @@ def _whiten_apply(L1, z4, mean, rscale, tau, out4, *, prec: str, L2=None, dy4=No
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(r, meta["BLOCK_M"]), G)
 
-    _apply[grid](
-        L1, L2, z4, dy4, mean, rscale, tau, dymean, out4, r, n, n2,
+    args = (
+        L1, L2, z4, dy4, mean, rscale, tau, dymean, out4, r, n, n2, size_class(r, n),
         sg, sr, s1, s2, dg, dr, d1, d2, og, orr, o1, o2,
-        HAS_DY=has_dy, TWO_LEVEL=two, PREC=prec,
     )  # fmt: skip
+    flags = dict(HAS_DY=has_dy, TWO_LEVEL=two, PREC=prec)
+    if r <= SMALL_R_MAX:
+        config = apply_config(r, z4.dtype, prec)
+        _launch(K._whiten_apply_kernel, grid(config[0]), config, *args, **flags)
+    else:
+        _apply[grid](*args, **flags)
     return out4
 
 
