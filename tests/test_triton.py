@@ -148,6 +148,72 @@ def test_gram_tiles_and_split_partials(split):
     _stats_close(trp.sum(1).double(), expected.diagonal(dim1=1, dim2=2).sum(1), "trace partials")
 
 
+def test_row_statistics_split_over_columns_merge_exactly_when_the_exponent_grows(monkeypatch):
+    """Row statistics in column chunks: each chunk's sum in its own power-of-two scale, raised
+    as larger values arrive (here the rows grow by 2^40 from the first to the last chunk); the
+    merge gives the mean of the unsplit computation, the exponents of the row maxima, and the
+    same bits on every run."""
+    from intl_kernels.triton import whiten as tw
+
+    g = torch.Generator().manual_seed(9)
+    n = 7 * 128
+    growth = torch.exp2(torch.linspace(0, 40, n, dtype=torch.float64))
+    z = (torch.randn(2, 5, n, generator=g, dtype=torch.float64) * growth + 0.5 * growth).float().to(DEV)
+    z4 = tw._as4d(z)
+    psum, pexp, gexp = tw._whiten_rowstats(z4, 0.0, chunks=7)
+    assert psum.shape == (7, 2, 5)
+    assert (pexp[-1] > pexp[0] + 30).all(), "later chunks should hold larger exponents"
+    row_max_exp = torch.frexp(z.abs().amax(-1)).exponent.clamp(-125, 126).cpu()
+    torch.testing.assert_close(pexp.amax(0).cpu(), row_max_exp.int(), rtol=0, atol=0)
+    torch.testing.assert_close(gexp.cpu(), row_max_exp.amax(-1).int(), rtol=0, atol=0)
+
+    def mean_of(rowstats):
+        _, _, mean, rscale = tw._whiten_gram(z4, divisor=n - 1.0, sqrt_eps=0.0, prec="ieee", rowstats=rowstats)
+        return mean.squeeze(-1), rscale
+
+    split, rscale = mean_of((psum, pexp, gexp))
+    whole, _ = mean_of(tw._whiten_rowstats(z4, 0.0, chunks=1))
+    zs = z.double() * rscale.double()
+    expected = (zs - zs[..., :1]).mean(-1)
+    _stats_close(split.double(), expected, "split mean")
+    _stats_close(whole.double(), expected, "unsplit mean")
+    again, _ = mean_of(tw._whiten_rowstats(z4, 0.0, chunks=7))
+    assert torch.equal(again, split), "split row statistics differ between two identical runs"
+    # and end to end, with the heuristic splitting this small n
+    monkeypatch.setattr(tw, "_MIN_ROWSTATS_COLUMNS", 64)
+    assert tw._rowstats_chunks(n, 2 * 2, z.device, None)[0] > 1
+    dy = torch.randn(z.shape, generator=g).to(DEV)
+    _check_against_reference(z, dy, 4, 0.0, n - 1.0, "split row statistics ")
+
+
+def test_split_k_reduction_bits_do_not_depend_on_the_piece_count(monkeypatch):
+    """The reduction of split-K partials, in pieces of a tile or whole tiles (same splits per
+    load): identical bits, and S exactly symmetric."""
+    from intl_kernels.triton import whiten as tw
+
+    z, _ = _inputs((2, 40, 900), torch.float32, 12)
+    z4 = tw._as4d(z)
+    rowstats = tw._whiten_rowstats(z4, 0.0)
+    results = []
+    for pieces, piece in ((1, 4096), (16, 256), (256, 16)):
+        monkeypatch.setattr(tw, "_reduce_pieces", lambda tiles, G, block, device, p=pieces, e=piece: (p, e, 8))
+        S, trp, _, _ = tw._whiten_gram(z4, divisor=899.0, sqrt_eps=1e-3, prec="ieee", rowstats=rowstats, split=5)
+        assert trp.shape == (2, pieces)
+        results.append((S, trp.sum(1)))
+    for S, tr in results:
+        assert torch.equal(S, results[0][0]), "S depends on the piece count"
+        assert torch.equal(S, S.mT), "S is not exactly symmetric"
+        torch.testing.assert_close(tr, S.diagonal(dim1=1, dim2=2).sum(1), rtol=1e-6, atol=0)
+
+
+def test_more_groups_than_the_grid_holds_is_a_clear_error():
+    from intl_kernels.triton.whiten import MAX_GROUPS
+
+    z = torch.randn(MAX_GROUPS + 1, 2, 3, device=DEV)
+    with pytest.raises(ValueError, match=r"at most 65535 groups .* got G = 65536"):
+        ik.whiten(z, 2, backend="triton")
+
+
 NONCONTIGUOUS = {
     "strided-columns": lambda z: torch.stack([z, -z], -1).flatten(-2)[..., ::2],
     "column-window": lambda z: torch.nn.functional.pad(z, (3, 4))[..., 3:-4],

@@ -82,6 +82,38 @@ def test_compile_all_compiles_in_parallel_and_stops_at_the_deadline():
     assert errors == "[None, None] ['deadline', 'deadline']" and ok == "True"
 
 
+def test_layer_launches_fill_a_132_sm_gpu():
+    """Every streaming launch of the IterNorm layer (row statistics, covariance and its
+    reduction, apply; forward and backward) at the ResNet-50 shapes (N = 256) starts at least
+    one program per SM of a 132-SM GPU."""
+    proc = _python(
+        """
+        import torch
+        from bench.goals import RESNET50_STAGES
+        from bench.providers import make_case
+        from intl_kernels.triton import launches
+        streaming = ("_whiten_rowstats_kernel", "_whiten_gram_kernel", "_whiten_gram_reduce_kernel",
+                     "_whiten_apply_kernel")
+        for shape in RESNET50_STAGES:
+            for dtype in ("float32", "bfloat16"):
+                with launches.record() as rec:
+                    make_case("layer", "triton", shape, dtype, "full", "meta").fn()
+                seen = {}
+                for kernel, (x, y, z) in rec.grids:
+                    if kernel in streaming:
+                        seen[kernel] = min(seen.get(kernel, x * y * z), x * y * z)
+                print(shape, dtype, sorted(seen.items()))
+        """
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 10, proc.stdout
+    for line in lines:
+        programs = dict(eval(line.split(") ", 1)[1].split(" ", 1)[1]))
+        assert len(programs) == 4, line
+        assert min(programs.values()) >= 132, line
+
+
 def test_goal_points_fit_the_compile_budget_and_the_committed_report_is_current(tmp_path):
     out = tmp_path / "budget.json"
     proc = _python(

@@ -2,12 +2,12 @@
 
 Data flow of one forward, for G groups Z_g (r × n, read through strides):
 
-    _whiten_rowstats_kernel   per row: |z| max → power-of-two exponent, Σ(z − z₀) in the
-                              row's own scale; group exponent by integer atomic max
-    _whiten_gram_kernel       Zc Zcᵀ/divisor, centred on load, lower-triangle tiles only,
-                              split-K partials over the columns
-    _whiten_gram_reduce_kernel  sums the partials in a fixed order, mirrors, adds eps·I,
-                              trace partials
+    _whiten_rowstats_kernel   per row and column chunk, one pass: exponent of max|z|, Σ(z − z₀)
+                              in the chunk's scale; group exponent by integer atomic max
+    _whiten_gram_kernel       merges the chunks into the row means (fixed order); Zc Zcᵀ/divisor,
+                              centred on load, lower-triangle tiles only, split-K partials
+    _whiten_gram_reduce_kernel  sums the partials in a fixed order (tiles cut into pieces when
+                              they are few), mirrors, adds eps·I, trace partials
     r ≤ 64:  _whiten_newton_fwd_kernel   one program per group: τ, A, all T steps
     r > 64:  _whiten_newton_prep_kernel + _whiten_mm_kernel (triangle-only products)
     _whiten_apply_kernel      Y = P_T/√τ · Zc, centring and scaling fused, strided output
@@ -118,76 +118,76 @@ def _load_centred(Z, base, rmask, cols, cmask, n2, s1, s2, rscale, shift, mean, 
 # --- statistics -------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_groups"])
 def _whiten_rowstats_kernel(
-    Z, ROWSUM, ROWEXP, GEXP,
-    r, n, n2,
+    Z, PSUM, PEXP, GEXP,
+    r, n, n2, chunk, n_groups,
     s_zg, s_zr, s_z1, s_z2,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, TWO_LEVEL: tl.constexpr,
 ):  # fmt: skip
-    """Per row: clamped exponent e_i of max|z|, Σ_j (z_ij − z_i0)·2^-e_i; GEXP[g] = max_i e_i.
+    """Row statistics of one column chunk, one pass: e_c, the clamped exponent of max|z| over the
+    chunk and the row's first column, and s_c = Σ_j (z_ij − z_i0)·2^-e_c over the chunk.
 
-    Grid (cdiv(r, BLOCK_R), G). Two passes over the row (the second mostly from L2). The
-    row's own scale keeps the shifted sum finite for any finite input; consumers convert
-    it to the group scale exactly (a power of two). GEXP is initialised by the launcher
-    with the exponent of √eps, so the ridge is part of the maximum.
+    Grid (cdiv(r, BLOCK_R), n_chunks, G); chunk c covers columns [c·chunk, (c+1)·chunk) and
+    writes PSUM / PEXP (n_chunks, G, r). The sum is kept in the scale of the largest exponent
+    seen so far; when a tile raises it, the running sum is rescaled by a power of two (exact,
+    and rounding commutes with it, so the result is the sum taken in the final scale). The
+    first column is part of every chunk's maximum, so the shifted values never exceed 2 in
+    magnitude: finite for any finite input. GEXP[g] = max of the exponents by an integer
+    atomic max (exact, order-free); the launcher initialises it with the exponent of √eps.
+    Consumers merge the chunks in chunk order (``_merged_mean``).
     """
     pid = tl.program_id(0)
-    g = tl.program_id(1)
+    ch = tl.program_id(1)
+    g = tl.program_id(2)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < r
-    base = Z + g.to(tl.int64) * s_zg + rows.to(tl.int64)[:, None] * s_zr
-    amax = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for start in range(0, n, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        offs = _col_offsets(cols, n2, s_z1, s_z2, TWO_LEVEL)
-        m = rmask[:, None] & (cols < n)[None, :]
-        x = tl.load(base + offs[None, :], mask=m, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-    e = _frexp_exponent(amax)
-    scale = _exp2i(-e)
-    x0 = tl.load(Z + g.to(tl.int64) * s_zg + rows.to(tl.int64) * s_zr, mask=rmask, other=0.0)
-    shift = x0.to(tl.float32) * scale
+    rbase = g.to(tl.int64) * s_zg + rows.to(tl.int64) * s_zr
+    x0 = tl.load(Z + rbase, mask=rmask, other=0.0).to(tl.float32)
+    e_run = _frexp_exponent(tl.abs(x0))
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for start in range(0, n, BLOCK_N):
+    lo = ch * chunk
+    hi = tl.minimum(lo + chunk, n)
+    for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         offs = _col_offsets(cols, n2, s_z1, s_z2, TWO_LEVEL)
-        m = rmask[:, None] & (cols < n)[None, :]
-        x = tl.load(base + offs[None, :], mask=m, other=0.0).to(tl.float32)
-        acc += tl.sum(tl.where(m, x * scale[:, None] - shift[:, None], 0.0), axis=1)
-    out = g * r + rows
-    tl.store(ROWSUM + out, acc, mask=rmask)
-    tl.store(ROWEXP + out, e, mask=rmask)
-    tl.atomic_max(GEXP + g, tl.max(tl.where(rmask, e, EMIN), axis=0))
+        m = rmask[:, None] & (cols < hi)[None, :]
+        x = tl.load(Z + rbase[:, None] + offs[None, :], mask=m, other=0.0).to(tl.float32)
+        e_new = tl.maximum(e_run, _frexp_exponent(tl.max(tl.abs(x), axis=1)))
+        acc = _ldexp(acc, e_run - e_new)
+        scale = _exp2i(-e_new)
+        acc += tl.sum(tl.where(m, x * scale[:, None] - (x0 * scale)[:, None], 0.0), axis=1)
+        e_run = e_new
+    out = (ch * n_groups + g) * r + rows
+    tl.store(PSUM + out, acc, mask=rmask)
+    tl.store(PEXP + out, e_run, mask=rmask)
+    tl.atomic_max(GEXP + g, tl.max(tl.where(rmask, e_run, EMIN), axis=0))
 
 
 @triton.jit
-def _gram_epilogue(acc, OUT, TRP, g, bi, bj, rows_i, rows_j, r, eps_s, NB, DIAG_IS_TRACE: tl.constexpr):
-    """Finished S tile: symmetrise diagonal tiles, add the ridge, store tile and mirror, trace."""
-    diag = rows_i[:, None] == rows_j[None, :]
-    if bi == bj:
-        acc = 0.5 * (acc + tl.trans(acc))
-        acc += tl.where(diag & (rows_i[:, None] < r), eps_s, 0.0)
-    base = OUT + g.to(tl.int64) * r * r
-    mi = rows_i < r
-    mj = rows_j < r
-    tl.store(base + rows_i[:, None] * r + rows_j[None, :], acc, mask=mi[:, None] & mj[None, :])
-    if bi != bj:
-        tl.store(base + rows_j[:, None] * r + rows_i[None, :], tl.trans(acc), mask=mj[:, None] & mi[None, :])
-    if DIAG_IS_TRACE:
-        if bi == bj:
-            tl.store(TRP + g * NB + bi, tl.sum(tl.sum(tl.where(diag, acc, 0.0), axis=1), axis=0))
+def _merged_mean(PSUM, PEXP, g, rows, rmask, e, r, n, n_groups, n_chunks, CH_BLOCK: tl.constexpr):
+    """Row means in the group scale 2^-e: Σ_c s_c·2^(e_c − e) / n over the row-statistics
+    chunks, CH_BLOCK chunks at a time in chunk order (a fixed order: bitwise reproducible)."""
+    acc = tl.zeros(rows.shape, dtype=tl.float32)
+    for c0 in range(0, n_chunks, CH_BLOCK):
+        cs = c0 + tl.arange(0, CH_BLOCK)
+        m = (cs < n_chunks)[:, None] & rmask[None, :]
+        offs = (cs[:, None] * n_groups + g) * r + rows[None, :]
+        part = tl.load(PSUM + offs, mask=m, other=0.0)
+        ex = tl.load(PEXP + offs, mask=m, other=0)
+        acc += tl.sum(_ldexp(part, ex - e), axis=0)
+    return acc / n
 
 
-@triton.jit(do_not_specialize=["n_groups", "size_class"])
+@triton.jit(do_not_specialize=["n_groups", "n_chunks", "size_class"])
 def _whiten_gram_kernel(
-    Z, DY, ROWSUM, ROWEXP, GEXP, MEAN, RSCALE,
+    Z, DY, PSUM, PEXP, GEXP, MEAN, RSCALE,
     OUT, DYSUM,
-    r, n, n2, k_chunk, n_groups, size_class, inv_div,
+    r, n, n2, k_chunk, n_groups, n_chunks, size_class, inv_div,
     s_zg, s_zr, s_z1, s_z2,
     s_dg, s_dr, s_d1, s_d2,
     BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, FROM_ROWSTATS: tl.constexpr, HAS_DY: tl.constexpr,
-    TWO_LEVEL: tl.constexpr, PREC: tl.constexpr,
+    ONE_TILE: tl.constexpr, TWO_LEVEL: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Lower-triangle tiles of Zc Zcᵀ·inv_div, or of Ȳ Zcᵀ + Zc Ȳᵀ (HAS_DY), split over columns.
 
@@ -195,11 +195,14 @@ def _whiten_gram_kernel(
     [s·k_chunk, (s+1)·k_chunk) and writes its raw partial tile to OUT (SPLIT, G, r, r);
     ``_whiten_gram_reduce_kernel`` sums the partials in split order and finishes the tiles
     (one epilogue for every split count keeps this kernel's registers for the product).
-    FROM_ROWSTATS (forward): the centring constants come from the row statistics, and
-    split 0 stores them as MEAN (G, r) and RSCALE (G,) for the backward; otherwise they
-    are read from MEAN/RSCALE. HAS_DY: diagonal tiles also store the row sums of Ȳ over
-    their columns in DYSUM (SPLIT, G, r). ``size_class`` is what the autotuner keys on (r
-    and n rounded up to powers of two); the kernel does not read it.
+    FROM_ROWSTATS (forward): the centring constants come from the row-statistics chunks
+    (PSUM, PEXP: (n_chunks, G, r), merged here), and split 0 stores them as MEAN (G, r) and
+    RSCALE (G,) for the backward; otherwise they are read from MEAN/RSCALE. HAS_DY: diagonal
+    tiles also store the row sums of Ȳ over their columns in DYSUM (SPLIT, G, r). ONE_TILE
+    (r <= BLOCK: the only tile is diagonal): each column tile is loaded and centred once, and
+    the backward forms X = Ȳ Zcᵀ alone and stores X + Xᵀ (one product instead of two).
+    ``size_class`` is what the autotuner keys on (r and n rounded up to powers of two); the
+    kernel does not read it.
     """
     tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -212,20 +215,11 @@ def _whiten_gram_kernel(
     if FROM_ROWSTATS:
         e = tl.load(GEXP + g)
         rscale = _exp2i(-e)
-        mean_i = (
-            _ldexp(
-                tl.load(ROWSUM + g * r + rows_i, mask=mi, other=0.0),
-                tl.load(ROWEXP + g * r + rows_i, mask=mi, other=0) - e,
-            )
-            / n
-        )
-        mean_j = (
-            _ldexp(
-                tl.load(ROWSUM + g * r + rows_j, mask=mj, other=0.0),
-                tl.load(ROWEXP + g * r + rows_j, mask=mj, other=0) - e,
-            )
-            / n
-        )
+        mean_i = _merged_mean(PSUM, PEXP, g, rows_i, mi, e, r, n, n_groups, n_chunks, 16)
+        if ONE_TILE:
+            mean_j = mean_i
+        else:
+            mean_j = _merged_mean(PSUM, PEXP, g, rows_j, mj, e, r, n, n_groups, n_chunks, 16)
         if split == 0:
             if bi == bj:
                 tl.store(MEAN + g * r + rows_i, mean_i, mask=mi)
@@ -249,7 +243,10 @@ def _whiten_gram_kernel(
         cols = k0 + tl.arange(0, BLOCK_K)
         cm = cols < k_hi
         a_i = _load_centred(Z, base_i, mi, cols, cm, n2, s_z1, s_z2, rscale, shift_i, mean_i, TWO_LEVEL)
-        a_j = _load_centred(Z, base_j, mj, cols, cm, n2, s_z1, s_z2, rscale, shift_j, mean_j, TWO_LEVEL)
+        if ONE_TILE:
+            a_j = a_i
+        else:
+            a_j = _load_centred(Z, base_j, mj, cols, cm, n2, s_z1, s_z2, rscale, shift_j, mean_j, TWO_LEVEL)
         if HAS_DY:
             offs = _col_offsets(cols, n2, s_d1, s_d2, TWO_LEVEL)
             dg = g.to(tl.int64) * s_dg
@@ -258,16 +255,20 @@ def _whiten_gram_kernel(
                 mask=mi[:, None] & cm[None, :],
                 other=0.0,
             )
-            d_j = tl.load(
-                DY + dg + rows_j.to(tl.int64)[:, None] * s_dr + offs[None, :],
-                mask=mj[:, None] & cm[None, :],
-                other=0.0,
-            )
             acc = _mma(d_i.to(op_dtype), tl.trans(a_j.to(op_dtype)), acc, PREC)
-            acc = _mma(a_i.to(op_dtype), tl.trans(d_j.to(op_dtype)), acc, PREC)
+            if not ONE_TILE:
+                d_j = tl.load(
+                    DY + dg + rows_j.to(tl.int64)[:, None] * s_dr + offs[None, :],
+                    mask=mj[:, None] & cm[None, :],
+                    other=0.0,
+                )
+                acc = _mma(a_i.to(op_dtype), tl.trans(d_j.to(op_dtype)), acc, PREC)
             dysum += tl.sum(d_i.to(tl.float32), axis=1)
         else:
             acc = _mma(a_i.to(op_dtype), tl.trans(a_j.to(op_dtype)), acc, PREC)
+    if HAS_DY:
+        if ONE_TILE:
+            acc = acc + tl.trans(acc)  # Ȳ Zcᵀ + Zc Ȳᵀ from its first term
     acc = acc * inv_div
     base = OUT + (g.to(tl.int64) + split * n_groups) * r * r
     tl.store(base + rows_i[:, None] * r + rows_j[None, :], acc, mask=mi[:, None] & mj[None, :])
@@ -276,27 +277,57 @@ def _whiten_gram_kernel(
             tl.store(DYSUM + (split * n_groups + g) * r + rows_i, dysum, mask=mi)
 
 
-@triton.jit(do_not_specialize=["n_groups", "n_split"])
+@triton.jit(do_not_specialize=["n_groups", "n_split", "pieces"])
 def _whiten_gram_reduce_kernel(
-    PART, OUT, TRP, RSCALE, r, n_groups, n_split, sqrt_eps, BLOCK: tl.constexpr, HAS_TRACE: tl.constexpr
-):
-    """Sum the split-K partial tiles in split order, then finish each tile: symmetrise the
-    diagonal tiles, add the ridge, store tile and mirror and (HAS_TRACE) the trace partials.
+    PART, OUT, TRP, RSCALE, r, n_groups, n_split, pieces, sqrt_eps,
+    BLOCK: tl.constexpr, PIECE: tl.constexpr, SPLIT_BLOCK: tl.constexpr, HAS_TRACE: tl.constexpr,
+):  # fmt: skip
+    """Sum the split-K partial tiles and finish them: symmetrise the diagonal tiles, add the
+    ridge, store each tile and its mirror and (HAS_TRACE) the trace partials.
 
-    Grid (nb(nb+1)/2, G). PART: (SPLIT, G, r, r) with lower-triangle tiles valid.
+    Grid (tiles·pieces, G): program (tile, p) handles the PIECE entries p·PIECE … of its
+    BLOCK × BLOCK tile (row-major), summing SPLIT_BLOCK splits per load; splits are summed in
+    a fixed order (a tree inside each SPLIT_BLOCK, then block after block; SPLIT_BLOCK is fixed
+    for a shape and device), so the bits do not depend on the piece count or on scheduling.
+    In a diagonal tile, entry (i, j) with i >= j
+    also sums the partials of (j, i) and its program writes ½(S_ij + S_ji) to both places, so
+    S is exactly symmetric. PART: (SPLIT, G, r, r), lower-triangle tiles valid. TRP (G, nb·pieces).
     """
-    tile = tl.program_id(0)
+    pid = tl.program_id(0)
     g = tl.program_id(1)
+    tile = pid // pieces
+    piece = pid % pieces
     bi, bj = _lower_tile(tile)
-    rows_i = bi * BLOCK + tl.arange(0, BLOCK)
-    rows_j = bj * BLOCK + tl.arange(0, BLOCK)
-    m = (rows_i < r)[:, None] & (rows_j < r)[None, :]
-    offs = rows_i[:, None] * r + rows_j[None, :]
-    acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-    for s in range(0, n_split):
-        acc += tl.load(PART + (g.to(tl.int64) + s * n_groups) * r * r + offs, mask=m, other=0.0)
-    eps_s = sqrt_eps * tl.load(RSCALE + g)
-    _gram_epilogue(acc, OUT, TRP, g, bi, bj, rows_i, rows_j, r, eps_s * eps_s, tl.cdiv(r, BLOCK), HAS_TRACE)
+    e = piece * PIECE + tl.arange(0, PIECE)
+    rows = bi * BLOCK + e // BLOCK
+    cols = bj * BLOCK + e % BLOCK
+    m = (rows < r) & (cols < r)
+    diag_tile = bi == bj
+    offs = rows * r + cols
+    offs_t = cols * r + rows
+    ss = tl.arange(0, SPLIT_BLOCK)
+    acc = tl.zeros([PIECE], dtype=tl.float32)
+    acc_t = tl.zeros([PIECE], dtype=tl.float32)
+    for s0 in range(0, n_split, SPLIT_BLOCK):
+        sm = (s0 + ss) < n_split
+        base = PART + ((s0 + ss).to(tl.int64)[:, None] * n_groups + g) * r * r
+        acc += tl.sum(tl.load(base + offs[None, :], mask=sm[:, None] & m[None, :], other=0.0), axis=0)
+        if diag_tile:
+            acc_t += tl.sum(tl.load(base + offs_t[None, :], mask=sm[:, None] & m[None, :], other=0.0), axis=0)
+    on_diag = rows == cols
+    keep = m
+    if diag_tile:  # entries on and below the diagonal, each written with its mirror once
+        acc = 0.5 * (acc + acc_t)
+        eps_s = sqrt_eps * tl.load(RSCALE + g)
+        acc += tl.where(on_diag, eps_s * eps_s, 0.0)
+        keep = m & (rows >= cols)
+    gofs = g.to(tl.int64) * r * r
+    tl.store(OUT + gofs + offs, acc, mask=keep)
+    tl.store(OUT + gofs + offs_t, acc, mask=keep & (rows != cols))
+    if HAS_TRACE:
+        if diag_tile:
+            nb = tl.cdiv(r, BLOCK)
+            tl.store(TRP + (g * nb + bi) * pieces + piece, tl.sum(tl.where(on_diag & m, acc, 0.0), axis=0))
 
 
 # --- Newton iteration: one program per group (r <= 64) ------------------------------------

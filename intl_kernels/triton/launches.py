@@ -88,6 +88,7 @@ class Recording:
     variants: list[Variant] = dataclasses.field(default_factory=list)
     autotune_events: list[tuple[str, int]] = dataclasses.field(default_factory=list)
     launches: int = 0
+    grids: list[tuple[str, tuple[int, int, int]]] = dataclasses.field(default_factory=list)  # per launch
     _seen: set = dataclasses.field(default_factory=set)
 
     @property
@@ -194,6 +195,10 @@ def record(arch: int = 90, *, gpu: bool = False, num_sms: int | None = None) -> 
 
     def run(self, *args, **kwargs):
         rec.launches += 1
+        grid = kwargs.get("grid")
+        if callable(grid):
+            grid = grid({**dict(zip(self.arg_names, args)), **kwargs})
+        rec.grids.append((self.fn.__name__, tuple(int(x) for x in (*grid, 1, 1)[:3])))
         return saved["run"](self, *args, **kwargs)
 
     def prune(self, kwargs):

@@ -32,6 +32,10 @@ NEWTON_PROGRAM_MAX = 64  # one program per group runs the Newton iteration up to
 PRECISION_MODES = {None: "ieee", "ieee": "ieee", "tf32": "tf32", "tf32x3": "tf32x3"}
 DTYPES = _BACKEND_DTYPES["triton"]
 _MIN_SPLIT_COLUMNS = 512  # fewest columns one split-K program handles
+_ROWSTATS_ROWS = 4  # rows per row-statistics program
+_ROWSTATS_COLS = 1024  # columns per row-statistics tile
+_MIN_ROWSTATS_COLUMNS = 4096  # fewest columns one row-statistics program streams
+MAX_GROUPS = 65535  # groups go on grid dimension y or z, whose CUDA limit this is
 
 
 @functools.cache
@@ -211,22 +215,45 @@ def _launch(kernel, grid, config, *args, **kwargs):
 # --- launchers --------------------------------------------------------------------------
 
 
-def _whiten_rowstats(z4: torch.Tensor, sqrt_eps: float):
-    """Row sums of z − z₀ in each row's own power-of-two scale, row and group exponents."""
+def _rowstats_chunks(n: int, programs: int, device: torch.device, chunks: int | None) -> tuple[int, int, int]:
+    """(column chunks, columns per chunk, tile width) of the row statistics: chunks enough that
+    the grid holds two programs per SM, each streaming at least _MIN_ROWSTATS_COLUMNS columns;
+    chunks start at multiples of 128 columns (aligned loads)."""
+    if chunks is None:
+        chunks = max(
+            1, min(triton.cdiv(2 * _num_sms(device), programs), triton.cdiv(n, _MIN_ROWSTATS_COLUMNS))
+        )
+    chunk = triton.cdiv(triton.cdiv(n, chunks), 128) * 128
+    return triton.cdiv(n, chunk), chunk, min(_ROWSTATS_COLS, max(16, triton.next_power_of_2(min(chunk, n))))
+
+
+def _whiten_rowstats(z4: torch.Tensor, sqrt_eps: float, chunks: int | None = None):
+    """Row statistics in column chunks: (PSUM, PEXP (n_chunks, G, r), GEXP (G,)) for the
+    covariance kernel, which merges the chunks. ``chunks`` forces their number (tests)."""
     G, r, n1, n2 = z4.shape
     n = n1 * n2
-    rowsum = torch.empty((G, r), dtype=torch.float32, device=z4.device)
-    rowexp = torch.empty((G, r), dtype=torch.int32, device=z4.device)
+    rows = _ROWSTATS_ROWS
+    n_chunks, chunk, width = _rowstats_chunks(n, triton.cdiv(r, rows) * G, z4.device, chunks)
+    psum = torch.empty((n_chunks, G, r), dtype=torch.float32, device=z4.device)
+    pexp = torch.empty((n_chunks, G, r), dtype=torch.int32, device=z4.device)
     e_eps = min(max(math.frexp(sqrt_eps)[1], K.EMIN_INT), K.EMAX_INT) if sqrt_eps > 0 else K.EMIN_INT
     gexp = torch.full((G,), e_eps, dtype=torch.int32, device=z4.device)
     sg, sr, s1, s2, two = _col_strides(z4)
-    block_n = min(1024, max(16, triton.next_power_of_2(n)))
-    block_r = 4
-    K._whiten_rowstats_kernel[(triton.cdiv(r, block_r), G)](
-        z4, rowsum, rowexp, gexp, r, n, n2, sg, sr, s1, s2,
-        BLOCK_R=block_r, BLOCK_N=block_n, TWO_LEVEL=two, num_warps=4,
+    K._whiten_rowstats_kernel[(triton.cdiv(r, rows), n_chunks, G)](
+        z4, psum, pexp, gexp, r, n, n2, chunk, G, sg, sr, s1, s2,
+        BLOCK_R=rows, BLOCK_N=width, TWO_LEVEL=two, num_warps=4,
     )  # fmt: skip
-    return rowsum, rowexp, gexp
+    return psum, pexp, gexp
+
+
+def _reduce_pieces(tiles: int, G: int, block: int, device: torch.device) -> tuple[int, int, int]:
+    """(pieces per tile, entries per piece, splits per load) of the split-K reduction: whole
+    tiles when there are programs enough for the GPU, else pieces of 16 entries (many splits
+    of few tiles, the IterNorm layer: 256 programs for one 64 × 64 tile); each load holds
+    4096 partial entries."""
+    entries = block * block
+    piece = entries if tiles * G >= _num_sms(device) else min(16, entries)
+    return entries // piece, piece, max(1, 4096 // piece)
 
 
 def _whiten_gram(
@@ -241,7 +268,7 @@ def _whiten_gram(
     dy4: torch.Tensor | None = None,
     split: int | None = None,
 ):
-    """S (G, r, r) symmetric, trace partials (G, nb) and, with dy4, Ȳ row-sum partials.
+    """S (G, r, r) symmetric, trace partials (G, nb·pieces) and, with dy4, Ȳ row-sum partials.
 
     Forward: ``rowstats`` given; returns (S, trp, mean, rscale). Backward: ``mean``,
     ``rscale`` and ``dy4`` given; returns (Ȳ Zcᵀ + Zc Ȳᵀ, dysum (SPLIT, G, r)).
@@ -254,36 +281,40 @@ def _whiten_gram(
     tiles = _lower_tiles(r, block)
     nb = triton.cdiv(r, block)
     n_split, chunk = _split_k(n, tiles * G, dev, split)
+    pieces, piece, split_block = _reduce_pieces(tiles, G, block, dev)
     forward = dy4 is None
     f32 = dict(dtype=torch.float32, device=dev)
     S = torch.empty((G, r, r), **f32)
-    trp = torch.empty((G, nb), **f32)
+    trp = torch.empty((G, nb * pieces), **f32)
     if forward:
-        rowsum, rowexp, gexp = rowstats
+        psum, pexp, gexp = rowstats
         mean = torch.empty((G, r, 1), **f32)
         rscale = torch.empty((G, 1, 1), **f32)
         dysum = S  # unused
         dy4 = z4
     else:
-        rowsum = rowexp = gexp = S  # unused
+        psum = pexp = gexp = S  # unused
         dysum = torch.empty((n_split, G, r), **f32)
     out = torch.empty((n_split, G, r, r), **f32)
     sg, sr, s1, s2, two = _col_strides(z4)
     dg, dr, d1, d2, _ = _col_strides(dy4)
     args = (
-        z4, dy4, rowsum, rowexp, gexp, mean, rscale, out, dysum,
-        r, n, n2, chunk, G, size_class(r, n), 1.0 / divisor,
+        z4, dy4, psum, pexp, gexp, mean, rscale, out, dysum,
+        r, n, n2, chunk, G, psum.shape[0] if forward else 0, size_class(r, n), 1.0 / divisor,
         sg, sr, s1, s2, dg, dr, d1, d2,
     )  # fmt: skip
-    flags = dict(BLOCK=block, FROM_ROWSTATS=forward, HAS_DY=not forward, TWO_LEVEL=two, PREC=prec)
+    flags = dict(
+        BLOCK=block, FROM_ROWSTATS=forward, HAS_DY=not forward, ONE_TILE=nb == 1, TWO_LEVEL=two, PREC=prec
+    )
     grid = (tiles, n_split, G)
     if r <= SMALL_R_MAX:
         _launch(K._whiten_gram_kernel, grid, gram_config(r, z4.dtype, prec), *args, **flags)
     else:
         _gram[grid](*args, **flags)
-    K._whiten_gram_reduce_kernel[(tiles, G)](
-        out, S, trp, rscale, r, G, n_split, sqrt_eps, BLOCK=block, HAS_TRACE=forward, num_warps=4
-    )
+    K._whiten_gram_reduce_kernel[(tiles * pieces, G)](
+        out, S, trp, rscale, r, G, n_split, pieces, sqrt_eps,
+        BLOCK=block, PIECE=piece, SPLIT_BLOCK=split_block, HAS_TRACE=forward, num_warps=4,
+    )  # fmt: skip
     if forward:
         return S, trp, mean, rscale
     return S, dysum
@@ -405,6 +436,12 @@ def _whiten_apply(L1, z4, mean, rscale, tau, out4, *, prec: str, L2=None, dy4=No
 
 
 def _check(fn: str, z: torch.Tensor) -> None:
+    if z.shape[0] > MAX_GROUPS:
+        raise ValueError(
+            f"{fn}: the triton backend whitens at most {MAX_GROUPS} groups per call (the CUDA grid's "
+            f"y/z dimension limit), got G = {z.shape[0]}; split the call into parts of at most "
+            f"{MAX_GROUPS} groups"
+        )
     if z.dtype not in DTYPES:
         raise TypeError(
             f"{fn}: the triton backend takes float32, bfloat16 or float16 inputs, got {z.dtype}; "
