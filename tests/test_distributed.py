@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import weakref
 
 import pytest
 import torch
@@ -14,6 +15,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import intl_kernels as ik
+
+if dist.is_available():
+    # Imported here, before any process group exists. DDP's constructor imports torch._dynamo,
+    # which imports this module, whose functions take ``group=group.WORLD`` as a default argument
+    # (evaluated at import). Imported after init_process_group it would hold the world group past
+    # destroy_process_group, to be freed only in interpreter finalization, its gloo threads still
+    # running: the workers' SIGABRT ("terminate called without an active exception") under load.
+    import torch.distributed.nn.functional  # noqa: F401
 
 WORLD = 2
 N, D_IN, D = 8, 6, 12  # rows per rank, input and embedding features
@@ -43,24 +52,36 @@ def _grads(model):
     return [p.grad.detach().clone() for p in model.parameters()]
 
 
+def _rank_results(rank):
+    """This rank's (loss, grads) per form and its rows of the whitened batch. The DDP models (whose
+    reducers hold the process group) live only in this frame: gone when it returns."""
+    rows = slice(rank * N, (rank + 1) * N)
+    xs = [x[rows] for x in _data()]
+    result = {}
+    for form in ("two_view", "multi"):
+        model, ema = DDP(_model()), _model()
+        two_view, multi = _losses(model, xs, ema)
+        loss = two_view if form == "two_view" else multi
+        loss.backward()
+        result[form] = (loss.detach(), _grads(model.module))
+    z = _model()(_data()[0]).detach()
+    result["whitened_rows"] = ik.ChannelWhitening()(z[rows])
+    return result
+
+
 def _worker(rank, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    world = weakref.ref(dist.group.WORLD)
     try:
-        rows = slice(rank * N, (rank + 1) * N)
-        xs = [x[rows] for x in _data()]
-        result = {}
-        for form in ("two_view", "multi"):
-            model, ema = DDP(_model()), _model()
-            two_view, multi = _losses(model, xs, ema)
-            loss = two_view if form == "two_view" else multi
-            loss.backward()
-            result[form] = (loss.detach(), _grads(model.module))
-        z = _model()(_data()[0]).detach()
-        result["whitened_rows"] = ik.ChannelWhitening()(z[rows])
+        result = _rank_results(rank)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # every rank is past its last collective before any rank tears down
     finally:
         dist.destroy_process_group()
+    # Nothing else holds the group: it (and its gloo threads) went with destroy_process_group, while
+    # the interpreter is alive, not in interpreter finalization at exit.
+    assert world() is None, "the process group outlived destroy_process_group"
 
 
 def _free_port() -> int:

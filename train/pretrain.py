@@ -484,22 +484,33 @@ class Trainer:
             self.logger.close()
         return summary
 
+    def close(self) -> None:
+        """Let go of the process group: drop the DDP wrapper (its reducer holds the group). The
+        Trainer itself may outlive this (rank 0's is kept by frames of a traceback caught inside
+        matplotlib), so the group would otherwise be freed only at exit."""
+        self.ddp = None
+
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse the flags, train, print a JSON summary (rank 0) and return it."""
     args = build_parser().parse_args(argv)
     rt = runtime.setup(args.device, args.threads)
+    finished = False
     try:
         resolve_args(args, rt.world_size)
         if rt.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         trainer = Trainer(args, rt)
-        summary = trainer.run()
+        try:
+            summary = trainer.run()
+        finally:
+            trainer.close()
         if rt.is_main:
             print(json.dumps(summary), flush=True)
+        finished = True
         return summary
     finally:
-        runtime.cleanup()
+        runtime.cleanup(synchronize=finished)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ and no process group is created.
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 from dataclasses import dataclass
@@ -14,6 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+
+if dist.is_available():
+    # Imported before any process group exists: its functions take ``group=group.WORLD`` as a default
+    # argument, evaluated at import (torch._dynamo imports it, and DDP's constructor imports dynamo).
+    # Imported after init_process_group it would hold the world group past destroy_process_group,
+    # to be freed only in interpreter finalization at exit, its gloo threads still running there.
+    import torch.distributed.nn.functional  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -80,10 +88,28 @@ def setup(device: str = "auto", threads: int = 0) -> Runtime:
     return Runtime(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
-def cleanup() -> None:
-    """Leave the process group (if one was joined)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def cleanup(synchronize: bool = False) -> None:
+    """Leave the process group (if one was joined) in order, while the interpreter is whole.
+
+    Call it once this process has let go of the group (drop DDP models first: their reducers hold
+    it), so that destroy_process_group frees the group, its gloo threads and its store connection
+    here, not in interpreter finalization at exit (where a gloo thread that needs the GIL aborts
+    the process: "terminate called without an active exception").
+
+    Args:
+        synchronize: first wait for every rank at a barrier, so that no rank tears down while another
+            is still in its last collective. Only on the success path: after an error the other
+            ranks may never reach the barrier.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if synchronize and dist.get_world_size() > 1:
+        dist.barrier()
+    # Objects in reference cycles (e.g. frames kept by a caught exception's traceback) are freed
+    # only by the garbage collector: collect them now, so that a DDP model among them lets go of the
+    # group before it is destroyed rather than at exit.
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def barrier(rt: Runtime) -> None:
