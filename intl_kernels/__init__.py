@@ -1,6 +1,6 @@
 """intl_kernels: fast IterNorm whitening (Newton's iteration) and the INTL loss.
 
-Public API (DESIGN §6): ``whiten``, ``iter_norm``, ``IterNorm``, ``convert_batchnorm``,
+Public API (docs/design.md §6): ``whiten``, ``iter_norm``, ``IterNorm``, ``convert_batchnorm``,
 ``ChannelWhitening``, ``norm_mse``, ``trace_loss``, ``trade_off``, ``intl_loss``,
 ``INTLLoss``, ``available_backends``. Backends: torch, cpu (C++ extension),
 triton (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
@@ -8,6 +8,7 @@ triton (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
 
 from intl_kernels import _backends
 from intl_kernels._backends import available_backends
+from intl_kernels.fold import fold_iternorm
 from intl_kernels.layers import ChannelWhitening, IterNorm, convert_batchnorm
 from intl_kernels.losses import INTLLoss, intl_loss, norm_mse, trace_loss, trade_off
 from intl_kernels.whiten import WhitenFn, _whiten_bwd_torch, _whiten_fwd_torch, iter_norm, whiten
@@ -34,6 +35,7 @@ __all__ = [
     "WhitenFn",
     "available_backends",
     "convert_batchnorm",
+    "fold_iternorm",
     "intl_loss",
     "iter_norm",
     "norm_mse",
