@@ -22,8 +22,12 @@ $(STAMP): $(PY) $(BUILD_INPUTS)
 
 install: $(STAMP)
 
+# Tests run on TEST_WORKERS processes (pytest-xdist), one torch thread each: the suite is mostly
+# single-threaded Python (Triton's interpreter, subprocess builds and compiles), so two workers
+# on two cores halve its time, and one thread per worker keeps them from oversubscribing.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal tests
 
 # On a GPU machine (the venv if there is one, else python3 with torch, triton and pytest; no
 # network needed): builds the extension in place for this GPU only, then the GPU tests.

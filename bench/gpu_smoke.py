@@ -69,16 +69,23 @@ class Case:
 
 
 def cases(dry_run: bool) -> list[Case]:
-    """The smoke cases: goal shapes on a GPU, tiny ones for the dry run."""
+    """The smoke cases: goal shapes on a GPU; for the dry run one tiny case of each kind (channel,
+    crops, the layer in each layout, the Newton part), the dtypes alternating."""
     if dry_run:
-        channel, crops, stages, newton = (16, 48), (6, 8, 32), ((4, 64, 3, 3), (2, 128, 2, 2)), (1, 80, 96)
-    else:
-        channel, crops, stages, newton = (256, 8192), (6, 256, 8192), RESNET50_STAGES, (1, 4096, 8192)
+        return [
+            Case("channel", (16, 48), "float32"),
+            Case("channel", (6, 8, 32), "bfloat16"),
+            Case("layer", (4, 64, 3, 3), "float32", "nchw"),
+            Case("layer", (2, 128, 2, 2), "bfloat16", "channels_last"),
+            Case("whiten", (1, 80, 96), "float32"),
+        ]
     out = []
     for dtype in DTYPES:
-        out += [Case("channel", channel, dtype), Case("channel", crops, dtype)]
-        out += [Case("layer", s, dtype, layout) for s in stages for layout in ("nchw", "channels_last")]
-    out.append(Case("whiten", newton, "float32"))
+        out += [Case("channel", (256, 8192), dtype), Case("channel", (6, 256, 8192), dtype)]
+        out += [
+            Case("layer", s, dtype, layout) for s in RESNET50_STAGES for layout in ("nchw", "channels_last")
+        ]
+    out.append(Case("whiten", (1, 4096, 8192), "float32"))
     return out
 
 

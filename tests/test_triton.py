@@ -1,4 +1,4 @@
-"""The triton backend against the paper reference and the torch backend (DESIGN §2–§4).
+"""The triton backend against the paper reference and the torch backend (docs/design.md §2–§4).
 
 Without a GPU these run in Triton's interpreter on CPU tensors (conftest sets
 TRITON_INTERPRET=1), so shapes are small; on a GPU the same tests run on CUDA tensors.
@@ -168,7 +168,9 @@ def test_row_statistics_split_over_columns_merge_exactly_when_the_exponent_grows
     torch.testing.assert_close(gexp.cpu(), row_max_exp.amax(-1).int(), rtol=0, atol=0)
 
     def mean_of(rowstats):
-        _, _, mean, rscale = tw._whiten_gram(z4, divisor=n - 1.0, sqrt_eps=0.0, prec="ieee", rowstats=rowstats)
+        _, _, mean, rscale = tw._whiten_gram(
+            z4, divisor=n - 1.0, sqrt_eps=0.0, prec="ieee", rowstats=rowstats
+        )
         return mean.squeeze(-1), rscale
 
     split, rscale = mean_of((psum, pexp, gexp))
@@ -196,8 +198,12 @@ def test_split_k_reduction_bits_do_not_depend_on_the_piece_count(monkeypatch):
     rowstats = tw._whiten_rowstats(z4, 0.0)
     results = []
     for pieces, piece in ((1, 4096), (16, 256), (256, 16)):
-        monkeypatch.setattr(tw, "_reduce_pieces", lambda tiles, G, block, device, p=pieces, e=piece: (p, e, 8))
-        S, trp, _, _ = tw._whiten_gram(z4, divisor=899.0, sqrt_eps=1e-3, prec="ieee", rowstats=rowstats, split=5)
+        monkeypatch.setattr(
+            tw, "_reduce_pieces", lambda tiles, G, n_split, block, device, p=pieces, e=piece: (p, e, 8)
+        )
+        S, trp, _, _ = tw._whiten_gram(
+            z4, divisor=899.0, sqrt_eps=1e-3, prec="ieee", rowstats=rowstats, split=5
+        )
         assert trp.shape == (2, pieces)
         results.append((S, trp.sum(1)))
     for S, tr in results:

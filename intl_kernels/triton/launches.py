@@ -197,7 +197,7 @@ def record(arch: int = 90, *, gpu: bool = False, num_sms: int | None = None) -> 
         rec.launches += 1
         grid = kwargs.get("grid")
         if callable(grid):
-            grid = grid({**dict(zip(self.arg_names, args)), **kwargs})
+            grid = grid({**dict(zip(self.arg_names, args, strict=False)), **kwargs})
         rec.grids.append((self.fn.__name__, tuple(int(x) for x in (*grid, 1, 1)[:3])))
         return saved["run"](self, *args, **kwargs)
 

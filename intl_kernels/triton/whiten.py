@@ -246,13 +246,17 @@ def _whiten_rowstats(z4: torch.Tensor, sqrt_eps: float, chunks: int | None = Non
     return psum, pexp, gexp
 
 
-def _reduce_pieces(tiles: int, G: int, block: int, device: torch.device) -> tuple[int, int, int]:
+def _reduce_pieces(
+    tiles: int, G: int, n_split: int, block: int, device: torch.device
+) -> tuple[int, int, int]:
     """(pieces per tile, entries per piece, splits per load) of the split-K reduction: whole
-    tiles when there are programs enough for the GPU, else pieces of 16 entries (many splits
-    of few tiles, the IterNorm layer: 256 programs for one 64 × 64 tile); each load holds
+    tiles when there are programs enough for the GPU or a single split (the reduction is then a
+    copy), else pieces of 16 entries (many splits of few tiles, the IterNorm layer: 256 programs
+    for one 64 × 64 tile). Two piece sizes per block size keep the compiles few. Each load holds
     4096 partial entries."""
     entries = block * block
-    piece = entries if tiles * G >= _num_sms(device) else min(16, entries)
+    whole = n_split == 1 or tiles * G >= _num_sms(device)
+    piece = entries if whole else min(16, entries)
     return entries // piece, piece, max(1, 4096 // piece)
 
 
@@ -281,7 +285,7 @@ def _whiten_gram(
     tiles = _lower_tiles(r, block)
     nb = triton.cdiv(r, block)
     n_split, chunk = _split_k(n, tiles * G, dev, split)
-    pieces, piece, split_block = _reduce_pieces(tiles, G, block, dev)
+    pieces, piece, split_block = _reduce_pieces(tiles, G, n_split, block, dev)
     forward = dy4 is None
     f32 = dict(dtype=torch.float32, device=dev)
     S = torch.empty((G, r, r), **f32)
