@@ -8,6 +8,7 @@
 #include <tuple>
 
 #include "whiten.h"
+#include "whiten_small.h"
 
 namespace intl_kernels {
 namespace {
@@ -87,6 +88,34 @@ TORCH_LIBRARY_IMPL(intl_kernels, CUDA, m) {
 
 }  // namespace intl_kernels
 
+namespace {
+
+// The cuda backend's streaming kernels as launched: tile columns, threads and dynamic shared
+// memory per block (bench/sass_report.py; the same on every device).
+template <intl_kernels::small::Pass P, int CB>
+pybind11::dict kernel_shape(const char* kernel, bool bwd) {
+  using Shape = intl_kernels::small::PassShape<P, CB>;
+  pybind11::dict d;
+  d["kernel"] = kernel;
+  d["bwd"] = bwd;
+  d["rows"] = CB;
+  d["columns"] = Shape::kColumns;
+  d["threads"] = intl_kernels::blocks::kThreads;
+  d["dynamic_smem"] = Shape::kBytes;
+  return d;
+}
+
+template <int CB>
+void add_shapes(pybind11::list& out) {
+  using intl_kernels::small::Pass;
+  out.append(kernel_shape<Pass::kStats, CB>("stats", false));
+  out.append(kernel_shape<Pass::kApplyFwd, CB>("apply", false));
+  out.append(kernel_shape<Pass::kDStats, CB>("dstats", true));
+  out.append(kernel_shape<Pass::kApplyBwd, CB>("apply", true));
+}
+
+}  // namespace
+
 // An importable module: loading it runs the registrations above.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "intl_kernels C++ ops (torch.ops.intl_kernels)";
@@ -100,4 +129,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
       },
       "True when the CUDA kernels were compiled into this extension");
+  m.def(
+      "small_kernel_shapes",
+      [] {
+        pybind11::list out;
+        add_shapes<32>(out);
+        add_shapes<64>(out);
+        add_shapes<128>(out);
+        return out;
+      },
+      "The cuda backend's streaming kernels: kernel, bwd, rows (bucket), columns (per tile), threads, "
+      "dynamic_smem (bytes per block)");
+  m.def("plan_blocks", &intl_kernels::small::plan_blocks, pybind11::arg("tiles"), pybind11::arg("groups"),
+        pybind11::arg("slots"),
+        "Blocks per group the cuda launcher gives a streaming pass over `groups` groups of `tiles` column "
+        "tiles with `slots` resident blocks (blocks per SM x SMs)");
 }

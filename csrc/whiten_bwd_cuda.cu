@@ -9,8 +9,8 @@ namespace small {
 namespace {
 
 template <typename scalar_t, int CB>
-__global__ void __launch_bounds__(blocks::kThreads) dstats_kernel(blocks::DStatsArgs<scalar_t> a) {
-  __shared__ float sm[blocks::DStatsShape<CB>::kSmem];
+__global__ void __launch_bounds__(blocks::kThreads, (PassShape<Pass::kDStats, CB>::kMinBlocks)) dstats_kernel(blocks::DStatsArgs<scalar_t> a) {
+  INTL_DYNAMIC_SMEM(sm);
   DeviceBlock blk;
   blocks::dstats_body<scalar_t, CB>(blk, blockIdx.x, blockIdx.y, sm, a);
 }
@@ -30,10 +30,14 @@ __global__ void __launch_bounds__(blocks::kThreads) adjoint_kernel(blocks::Adjoi
 struct BwdExec : CudaExecBase {
   using CudaExecBase::CudaExecBase;
 
+  template <Pass P, typename scalar_t, int CB>
+  int64_t nblocks(int64_t n, int64_t G) {
+    if constexpr (P == Pass::kDStats) return plan<P, CB>(dstats_kernel<scalar_t, CB>, n, G);
+    else return plan<P, CB>(apply_kernel<scalar_t, CB, P == Pass::kApplyBwd>, n, G);
+  }
   template <typename scalar_t, int CB>
   void dstats(int gx, int gy, const blocks::DStatsArgs<scalar_t>& a) {
-    dstats_kernel<scalar_t, CB><<<dim3(gx, gy), blocks::kThreads, 0, stream>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch<Pass::kDStats, CB>(dstats_kernel<scalar_t, CB>, gx, gy, a);
   }
   void dreduce(int gx, int gy, const blocks::DReduceArgs& a) {
     dreduce_kernel<<<dim3(gx, gy), blocks::kThreads, 0, stream>>>(a);
@@ -51,7 +55,7 @@ std::vector<at::Tensor> run(const char* op, const at::Tensor& dy, const at::Tens
                             const at::Tensor& A, const at::Tensor& P, const at::Tensor& X, double divisor) {
   TORCH_CHECK(z.is_cuda(), op, ": z must be a CUDA tensor, got one on ", z.device());
   const c10::cuda::CUDAGuard guard(z.device());
-  BwdExec ex(z);
+  BwdExec ex(op, z);
   return whiten_bwd(ex, op, dy, z, weight, mean, rscale, tau, A, P, X, divisor);
 }
 

@@ -1,7 +1,7 @@
 // IterNorm whitening by Newton's iteration: CPU forward and hand-written backward.
 //
 // Same algorithm and saved statistics as the `torch` backend (intl_kernels/whiten.py,
-// DESIGN §2–§3), in ATen plus two fused row loops:
+// docs/design.md §2–§3), in ATen plus two fused row loops:
 //   Zc = (Z − Z[:, 0])·2^-e − mean        power-of-two rescale, shifted centring (one pass)
 //   (the forward's pass writes Z − Z[:, 0] − mean unscaled and each row's max|Z|, which gives
 //   e; 2^-e then scales S and W, exactly, unless max|Z| is far from 1: see kUnscaledExp)

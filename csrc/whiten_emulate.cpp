@@ -10,13 +10,16 @@
 // same phase writes gives different bits).
 //
 // Ops (CPU tensors, for tests): intl_kernels::emulate_small_whiten_fwd / _bwd, with the
-// schema of the affine ops plus `chunk` (columns per block; 0: the launcher's default for
-// a small device) and `reverse_threads`.
+// schema of the affine ops plus `chunk` and `reverse_threads`. `chunk` (a multiple of 64) sets
+// the blocks per group of every streaming pass to ceil(n / chunk), at most one per tile, the
+// tiles split evenly (Part); 0 plans the grid as the launcher does (plan_blocks) for a small
+// stand-in device of kStandInSlots resident blocks.
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -50,21 +53,38 @@ struct HostBlock {
   void atomic_max(int* p, int v) { *p = std::max(*p, v); }
 };
 
+constexpr int64_t kStandInSlots = 8;  // resident blocks of the stand-in device (deterministic)
+
 struct HostExec {
   static constexpr c10::DeviceType kDevice = c10::kCPU;
   int64_t forced_chunk;
   bool reverse;
 
-  int64_t chunk(int64_t n, int64_t G) const { return forced_chunk > 0 ? forced_chunk : plan_chunk(n, G, 8); }
+  template <Pass P, typename scalar_t, int CB>
+  int64_t nblocks(int64_t n, int64_t G) const {
+    constexpr int tn = PassShape<P, CB>::kColumns;
+    if (forced_chunk > 0) return forced_blocks(n, tn, forced_chunk);
+    return plan_blocks((n + tn - 1) / tn, G, kStandInSlots);
+  }
+
+  // Shared memory as on the GPU: 16-byte aligned, NaN-filled, and followed by a guard zone of
+  // kGuardFloats: NaN there makes a read past the end poison the results, and a write past the
+  // end (the guard no longer NaN) is an error.
+  static constexpr int kGuardFloats = 64;
 
   template <class Body>
   void grid(int gx, int gy, int smem_floats, Body&& body) {
     at::parallel_for(0, static_cast<int64_t>(gx) * gy, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> sm(std::max(smem_floats, 1));
+      std::vector<blocks::F4> storage((smem_floats + kGuardFloats + 3) / 4);
+      float* sm = storage.data()->e;
+      const int total = static_cast<int>(storage.size()) * 4;
       for (int64_t b = begin; b < end; ++b) {
-        std::fill(sm.begin(), sm.end(), std::numeric_limits<float>::quiet_NaN());
+        std::fill(sm, sm + total, std::numeric_limits<float>::quiet_NaN());
         HostBlock blk{reverse};
-        body(blk, static_cast<int>(b % gx), static_cast<int>(b / gx), sm.data());
+        body(blk, static_cast<int>(b % gx), static_cast<int>(b / gx), sm);
+        for (int i = smem_floats; i < total; ++i)
+          TORCH_CHECK(std::isnan(sm[i]), "emulated kernel: a shared-memory write past its ", smem_floats,
+                      " floats (at float ", i, ")");
       }
     });
   }
@@ -144,6 +164,14 @@ TORCH_LIBRARY_FRAGMENT(intl_kernels, m) {
 }
 
 TORCH_LIBRARY_IMPL(intl_kernels, CPU, m) {
+  m.impl("emulate_small_whiten_fwd", &small::emulate_fwd);
+  m.impl("emulate_small_whiten_bwd", &small::emulate_bwd);
+}
+
+// A call with a meta tensor among CPU ones dispatches to Meta: the same functions, so that it
+// reaches the launcher's device checks (which refuse anything but CPU tensors here) and fails
+// with their message instead of the dispatcher's.
+TORCH_LIBRARY_IMPL(intl_kernels, Meta, m) {
   m.impl("emulate_small_whiten_fwd", &small::emulate_fwd);
   m.impl("emulate_small_whiten_bwd", &small::emulate_bwd);
 }

@@ -9,8 +9,8 @@ namespace small {
 namespace {
 
 template <typename scalar_t, int CB>
-__global__ void __launch_bounds__(blocks::kThreads) stats_kernel(blocks::StatsArgs<scalar_t> a) {
-  __shared__ float sm[blocks::StatsShape<CB>::kSmem];
+__global__ void __launch_bounds__(blocks::kThreads, (PassShape<Pass::kStats, CB>::kMinBlocks)) stats_kernel(blocks::StatsArgs<scalar_t> a) {
+  INTL_DYNAMIC_SMEM(sm);
   DeviceBlock blk;
   blocks::stats_body<scalar_t, CB>(blk, blockIdx.x, blockIdx.y, sm, a);
 }
@@ -30,10 +30,14 @@ __global__ void __launch_bounds__(blocks::kThreads) newton_kernel(blocks::Newton
 struct FwdExec : CudaExecBase {
   using CudaExecBase::CudaExecBase;
 
+  template <Pass P, typename scalar_t, int CB>
+  int64_t nblocks(int64_t n, int64_t G) {
+    if constexpr (P == Pass::kStats) return plan<P, CB>(stats_kernel<scalar_t, CB>, n, G);
+    else return plan<P, CB>(apply_kernel<scalar_t, CB, P == Pass::kApplyBwd>, n, G);
+  }
   template <typename scalar_t, int CB>
   void stats(int gx, int gy, const blocks::StatsArgs<scalar_t>& a) {
-    stats_kernel<scalar_t, CB><<<dim3(gx, gy), blocks::kThreads, 0, stream>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch<Pass::kStats, CB>(stats_kernel<scalar_t, CB>, gx, gy, a);
   }
   void reduce(int gx, int gy, const blocks::ReduceArgs& a) {
     reduce_kernel<<<dim3(gx, gy), blocks::kThreads, 0, stream>>>(a);
@@ -50,7 +54,7 @@ std::vector<at::Tensor> run(const char* op, const at::Tensor& z, const at::Tenso
                             int64_t T, double eps, double divisor) {
   TORCH_CHECK(z.is_cuda(), op, ": z must be a CUDA tensor, got one on ", z.device());
   const c10::cuda::CUDAGuard guard(z.device());
-  FwdExec ex(z);
+  FwdExec ex(op, z);
   return whiten_fwd(ex, op, z, weight, bias, T, eps, divisor);
 }
 

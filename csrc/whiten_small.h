@@ -4,14 +4,16 @@
 // or the host emulator (whiten_emulate.cpp), so the tests on machines without a GPU check the
 // same launch sequence the GPU runs.
 //
-// Exec provides: kDevice; chunk(n, G) -> columns per block; and, for the forward, stats<scalar_t,
-// CB>, reduce, newton<CB>, apply<scalar_t, CB, false>; for the backward, dstats<scalar_t, CB>,
-// dreduce, adjoint<CB>, apply<scalar_t, CB, true>, each taking (grid x, grid y, args).
+// Exec provides: kDevice; nblocks<Pass, scalar_t, CB>(n, G) -> blocks per group of a streaming
+// pass; and, for the forward, stats<scalar_t, CB>, reduce, newton<CB>, apply<scalar_t, CB, false>;
+// for the backward, dstats<scalar_t, CB>, dreduce, adjoint<CB>, apply<scalar_t, CB, true>, each
+// taking (grid x, grid y, args).
 
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <type_traits>
@@ -27,13 +29,84 @@ using blocks::kChunkQuantum;
 using blocks::kMaxRows;
 using blocks::kThreads;
 
-// Columns per block: about `target` blocks in all, at least one quantum of columns each.
-inline int64_t plan_chunk(int64_t n, int64_t G, int64_t target) {
-  const int64_t max_blocks = (n + kChunkQuantum - 1) / kChunkQuantum;
-  int64_t per_group = (target + G - 1) / G;
-  per_group = std::max<int64_t>(1, std::min(per_group, max_blocks));
-  const int64_t cols = (n + per_group - 1) / per_group;
-  return (cols + kChunkQuantum - 1) / kChunkQuantum * kChunkQuantum;
+// The streaming passes, their tile widths, shared memory (bytes per block, all dynamic) and the
+// blocks per SM their register budget is compiled for (__launch_bounds__): up to c = 64, 2 for the
+// statistics passes (8×8 Gram tiles: <= 128 registers) and 4 for the apply passes (<= 64), which
+// tile the grid of 132 SMs in whole waves at the ResNet-50 shapes (plan_blocks); fewer at c > 64,
+// where the tiles would spill at those budgets.
+enum class Pass { kStats, kApplyFwd, kDStats, kApplyBwd };
+
+template <Pass P, int CB>
+struct PassShape;
+template <int CB>
+struct PassShape<Pass::kStats, CB> {
+  static constexpr int kMinBlocks = CB <= 64 ? 2 : 1;
+  static constexpr int kColumns = blocks::StatsShape<CB>::TN;
+  static constexpr size_t kBytes = sizeof(float) * blocks::StatsShape<CB>::kSmem;
+};
+template <int CB>
+struct PassShape<Pass::kDStats, CB> {
+  static constexpr int kMinBlocks = CB <= 64 ? 2 : 1;
+  static constexpr int kColumns = blocks::DStatsShape<CB>::TN;
+  static constexpr size_t kBytes = sizeof(float) * blocks::DStatsShape<CB>::kSmem;
+};
+template <int CB>
+struct PassShape<Pass::kApplyFwd, CB> {
+  static constexpr int kMinBlocks = CB <= 64 ? 4 : 2;
+  static constexpr int kColumns = blocks::ApplyShape<CB, false>::TN;
+  static constexpr size_t kBytes = sizeof(float) * blocks::ApplyShape<CB, false>::kSmem;
+};
+template <int CB>
+struct PassShape<Pass::kApplyBwd, CB> {
+  static constexpr int kMinBlocks = CB <= 64 ? 4 : 1;  // c > 64: [W | M]ᵀ streamed, 8×4 tile
+  static constexpr int kColumns = blocks::ApplyShape<CB, true>::TN;
+  static constexpr size_t kBytes = sizeof(float) * blocks::ApplyShape<CB, true>::kSmem;
+};
+
+inline const char* pass_name(Pass p) {
+  switch (p) {
+    case Pass::kStats: return "statistics";
+    case Pass::kApplyFwd: return "forward apply";
+    case Pass::kDStats: return "backward statistics";
+    default: return "backward apply";
+  }
+}
+
+// Blocks per group for a streaming pass over G groups of `tiles` column tiles, on a device with
+// `slots` resident blocks of the kernel (blocks per SM from its occupancy × SMs): the fewest whole
+// waves, G·nb = w·slots for the smallest w in 1..kMaxWaves, as long as every block keeps at least
+// kMinTiles tiles (Part gives them floor or ceil of tiles/nb). A grid of whole waves has no tail
+// (the last wave full, as the first). Where no w qualifies (small n, a G that divides no small
+// multiple of the slots) it minimises waves × tiles per block, the makespan in tile times, and
+// takes the fewest blocks among equals.
+constexpr int64_t kMaxWaves = 16;
+constexpr int64_t kMinTiles = 2;
+
+inline int64_t plan_blocks(int64_t tiles, int64_t G, int64_t slots) {
+  TORCH_CHECK(tiles >= 1 && G >= 1 && slots >= 1, "plan_blocks: tiles, G and slots must be >= 1, got ", tiles, ", ",
+              G, ", ", slots);
+  for (int64_t w = 1; w <= kMaxWaves; ++w) {
+    if (w * slots % G != 0) continue;
+    const int64_t nb = w * slots / G;
+    if (nb * kMinTiles > tiles) break;  // more waves only make the blocks smaller
+    return nb;
+  }
+  int64_t best = 1, best_cost = -1;
+  const int64_t top = std::min<int64_t>(tiles, (kMaxWaves * slots + G - 1) / G);
+  for (int64_t nb = 1; nb <= top; ++nb) {
+    const int64_t cost = (G * nb + slots - 1) / slots * ((tiles + nb - 1) / nb);
+    if (best_cost < 0 || cost < best_cost) {
+      best = nb;
+      best_cost = cost;
+    }
+  }
+  return best;
+}
+
+// Blocks per group when the caller forces the columns per block (the emulator's `chunk`): as
+// many blocks as chunks of that width, at most one per tile; the tiles are then split evenly.
+inline int64_t forced_blocks(int64_t n, int tn, int64_t chunk) {
+  return std::min((n + chunk - 1) / chunk, (n + tn - 1) / tn);
 }
 
 inline at::Tensor as4d(const at::Tensor& t) { return t.dim() == 3 ? t.unsqueeze(2) : t; }
@@ -100,7 +173,7 @@ inline at::Tensor check_affine(const char* op, const char* name, const at::Tenso
 
 // The arguments both apply passes share.
 template <typename scalar_t>
-blocks::ApplyArgs<scalar_t> apply_args(const at::Tensor& z4, at::Tensor& out4, int64_t T, int64_t n, int64_t chunk,
+blocks::ApplyArgs<scalar_t> apply_args(const at::Tensor& z4, at::Tensor& out4, int64_t T, int64_t n, int nblk,
                                        const at::Tensor& mean, const at::Tensor& rscale) {
   blocks::ApplyArgs<scalar_t> a{};
   a.z = strided<const scalar_t>(z4);
@@ -110,7 +183,7 @@ blocks::ApplyArgs<scalar_t> apply_args(const at::Tensor& z4, at::Tensor& out4, i
   a.T = static_cast<int>(T);
   a.G = static_cast<int>(z4.size(0));
   a.n = n;
-  a.chunk = chunk;
+  a.nblk = nblk;
   a.mean = mean.data_ptr<float>();
   a.rscale = rscale.data_ptr<float>();
   return a;
@@ -139,11 +212,6 @@ std::vector<at::Tensor> whiten_fwd(Exec& ex, const char* op, const at::Tensor& z
   auto A = at::empty({G, c, c}, f32);
   auto P = at::empty({T, G, c, c}, f32);
   auto X = at::empty({T - 1, G, c, c}, f32);
-  const int64_t chunk = ex.chunk(n, G);
-  const int nblk = static_cast<int>((n + chunk - 1) / chunk);
-  auto part_q = at::empty({G, nblk, c, c}, f32);
-  auto part_v = at::empty({G, nblk, 2, c}, f32);
-  auto part_e = at::empty({G, nblk}, z.options().dtype(at::kInt));
   auto tmp = at::empty({G, 2, c, c}, f32);
 
   int e_eps = blocks::kNoExp;
@@ -159,23 +227,28 @@ std::vector<at::Tensor> whiten_fwd(Exec& ex, const char* op, const at::Tensor& z
   dispatch_kernels(z.scalar_type(), ci, [&](auto tag, auto cb) {
     using scalar_t = decltype(tag);
     constexpr int CB = decltype(cb)::value;
-    blocks::StatsArgs<scalar_t> sa{strided<const scalar_t>(z), ci, n, chunk, nblk,
+    const int nblk = static_cast<int>(ex.template nblocks<Pass::kStats, scalar_t, CB>(n, G));
+    auto part_q = at::empty({G, nblk, c, c}, f32);
+    auto part_v = at::empty({G, nblk, 2, c}, f32);
+    auto part_e = at::empty({G, nblk}, z.options().dtype(at::kInt));
+    blocks::StatsArgs<scalar_t> sa{strided<const scalar_t>(z), ci, n, nblk,
                                    part_q.data_ptr<float>(), part_v.data_ptr<float>(), part_e.data_ptr<int>()};
     ex.template stats<scalar_t, CB>(nblk, Gi, sa);
-    blocks::ReduceArgs ra{ci, n, chunk, nblk, e_eps, static_cast<float>(divisor), part_q.data_ptr<float>(),
-                          part_v.data_ptr<float>(), part_e.data_ptr<int>(), A.data_ptr<float>(),
-                          mean.data_ptr<float>(), rscale.data_ptr<float>()};
+    blocks::ReduceArgs ra{ci, n, PassShape<Pass::kStats, CB>::kColumns, nblk, e_eps, static_cast<float>(divisor),
+                          part_q.data_ptr<float>(), part_v.data_ptr<float>(), part_e.data_ptr<int>(),
+                          A.data_ptr<float>(), mean.data_ptr<float>(), rscale.data_ptr<float>()};
     ex.reduce(reduce_x, Gi, ra);
     blocks::NewtonArgs na{ci, Ti, Gi, eps_root, rscale.data_ptr<float>(), A.data_ptr<float>(),
                           tau.data_ptr<float>(), P.data_ptr<float>(), T > 1 ? X.data_ptr<float>() : nullptr,
                           tmp.data_ptr<float>()};
     ex.template newton<CB>(1, Gi, na);
-    auto aa = apply_args<scalar_t>(z, y, T, n, chunk, mean, rscale);
+    const int nblk_apply = static_cast<int>(ex.template nblocks<Pass::kApplyFwd, scalar_t, CB>(n, G));
+    auto aa = apply_args<scalar_t>(z, y, T, n, nblk_apply, mean, rscale);
     aa.tau = tau.data_ptr<float>();
     aa.P = P.data_ptr<float>();
     aa.weight = weight.defined() ? weight.data_ptr<float>() : nullptr;
     aa.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
-    ex.template apply<scalar_t, CB, false>(nblk, Gi, aa);
+    ex.template apply<scalar_t, CB, false>(nblk_apply, Gi, aa);
   });
   return {y_in, mean, rscale, tau, A, P, X};
 }
@@ -187,6 +260,9 @@ std::vector<at::Tensor> whiten_bwd(Exec& ex, const char* op, const at::Tensor& d
                                    const at::Tensor& rscale_in, const at::Tensor& tau_in, const at::Tensor& A_in,
                                    const at::Tensor& P_in, const at::Tensor& X_in, double divisor) {
   check_input(op, "z", z_in, Exec::kDevice);
+  // The kernels run on z's device (its stream, its guard): dy's data must be there too.
+  TORCH_CHECK(dy_in.device() == z_in.device(), op, ": dy must be on z's device ", z_in.device(), ", got ",
+              dy_in.device());
   check_input(op, "dy", dy_in, Exec::kDevice);
   TORCH_CHECK(dy_in.sizes() == z_in.sizes(), op, ": dy must have z's shape ", z_in.sizes(), ", got ", dy_in.sizes());
   TORCH_CHECK(dy_in.scalar_type() == z_in.scalar_type(), op, ": dy must have z's dtype ", z_in.scalar_type(),
@@ -211,15 +287,9 @@ std::vector<at::Tensor> whiten_bwd(Exec& ex, const char* op, const at::Tensor& d
   const auto f32 = z.options().dtype(at::kFloat);
   auto dz_in = at::empty_like(z_in);
   auto dz = as4d(dz_in);
-  const int64_t chunk = ex.chunk(n, G);
-  const int nblk = static_cast<int>((n + chunk - 1) / chunk);
-  auto part_q = at::empty({G, nblk, c, c}, f32);
-  auto part_v = at::empty({G, nblk, c}, f32);
   auto dw = at::empty({G, c, c}, f32);
   auto ysum = at::empty({G, c}, f32);
   auto ws = at::empty({G, 7, c, c}, f32);
-  auto M = at::empty({G, c, c}, f32);
-  auto Wm = at::empty({G, c, c}, f32);
   at::Tensor dweight, dbias;
   if (weight.defined()) {
     dweight = at::empty({G, c}, f32);
@@ -230,26 +300,30 @@ std::vector<at::Tensor> whiten_bwd(Exec& ex, const char* op, const at::Tensor& d
   dispatch_kernels(z.scalar_type(), ci, [&](auto tag, auto cb) {
     using scalar_t = decltype(tag);
     constexpr int CB = decltype(cb)::value;
-    blocks::DStatsArgs<scalar_t> sa{strided<const scalar_t>(z), strided<const scalar_t>(dy), ci, n, chunk, nblk,
+    const int nblk = static_cast<int>(ex.template nblocks<Pass::kDStats, scalar_t, CB>(n, G));
+    auto part_q = at::empty({G, nblk, c, c}, f32);
+    auto part_v = at::empty({G, nblk, c}, f32);
+    blocks::DStatsArgs<scalar_t> sa{strided<const scalar_t>(z), strided<const scalar_t>(dy), ci, n, nblk,
                                     mean.data_ptr<float>(), rscale.data_ptr<float>(), part_q.data_ptr<float>(),
                                     part_v.data_ptr<float>()};
     ex.template dstats<scalar_t, CB>(nblk, Gi, sa);
     blocks::DReduceArgs ra{ci, nblk, part_q.data_ptr<float>(), part_v.data_ptr<float>(), dw.data_ptr<float>(),
                            ysum.data_ptr<float>()};
     ex.dreduce(reduce_x, Gi, ra);
+    auto WT = at::empty({G, 2 * CB, CB}, f32);
     blocks::AdjointArgs ja{ci, Ti, Gi, static_cast<float>(divisor), dw.data_ptr<float>(), ysum.data_ptr<float>(),
                            weight.defined() ? weight.data_ptr<float>() : nullptr, tau.data_ptr<float>(),
                            A.data_ptr<float>(), P.data_ptr<float>(), T > 1 ? X.data_ptr<float>() : nullptr,
-                           ws.data_ptr<float>(), M.data_ptr<float>(), Wm.data_ptr<float>(),
+                           ws.data_ptr<float>(), WT.data_ptr<float>(),
                            dweight.defined() ? dweight.data_ptr<float>() : nullptr,
                            dbias.defined() ? dbias.data_ptr<float>() : nullptr};
     ex.template adjoint<CB>(1, Gi, ja);
-    auto aa = apply_args<scalar_t>(z, dz, T, n, chunk, mean, rscale);
+    const int nblk_apply = static_cast<int>(ex.template nblocks<Pass::kApplyBwd, scalar_t, CB>(n, G));
+    auto aa = apply_args<scalar_t>(z, dz, T, n, nblk_apply, mean, rscale);
     aa.dy = strided<const scalar_t>(dy);
-    aa.Wm = Wm.data_ptr<float>();
-    aa.M = M.data_ptr<float>();
+    aa.WT = WT.data_ptr<float>();
     aa.ysum = ysum.data_ptr<float>();
-    ex.template apply<scalar_t, CB, true>(nblk, Gi, aa);
+    ex.template apply<scalar_t, CB, true>(nblk_apply, Gi, aa);
   });
   if (weight.defined()) {
     const auto wdt = weight_in.scalar_type();

@@ -174,3 +174,66 @@ def test_compute_sanitizer_small_cases(tool):
     cmd = ["compute-sanitizer", f"--tool={tool}", "--error-exitcode=1", sys.executable, "-c", code]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+
+
+# Per-tile indexing on the GPU: NCHW and channels_last group views, sliced and expanded
+# (stride 0) inputs give the bits of a contiguous copy (the tiles hold the same values; only the
+# loads differ), at c = 64 (the layer's groups), a padded bucket and c > 64 (streamed [W | M]ᵀ).
+def _strided_cases(c):
+    g = torch.Generator(device=DEV).manual_seed(c)
+    x = torch.randn(16, 2 * c, 9, 11, generator=g, device=DEV) + 0.5
+    d = torch.randn(16, 2 * c, 9, 11, generator=g, device=DEV)
+    yield "nchw", _group_view(x, 2, c), _group_view(d, 2, c)
+    xl, dl = x.to(memory_format=torch.channels_last), d.to(memory_format=torch.channels_last)
+    yield "channels_last", _group_view(xl, 2, c), _group_view(dl, 2, c)
+    yield "dy_other_layout", _group_view(xl, 2, c), _group_view(d, 2, c)
+    wide = torch.randn(2, c, 2 * 1584, generator=g, device=DEV) + 0.5
+    yield "sliced", wide[:, :, ::2], torch.randn(2, c, 1584, generator=g, device=DEV)
+    base = torch.randn(2, c, 1, 99, generator=g, device=DEV) + 0.5
+    yield "expanded", base.expand(2, c, 16, 99), torch.randn(2, c, 16, 99, generator=g, device=DEV)
+
+
+@pytest.mark.parametrize("c", [64, 40, 100])
+def test_strided_inputs_bitwise_equal_contiguous_copy(c):
+    for layout, z, dy in _strided_cases(c):
+        n = z.shape[2] * (z.shape[3] if z.dim() == 4 else 1)
+        zc, dyc = z.reshape(2, c, n).contiguous(), dy.reshape(2, c, n).contiguous()
+        out = torch.ops.intl_kernels.whiten_fwd(z, 5, 1e-5, float(n))
+        ref = torch.ops.intl_kernels.whiten_fwd(zc, 5, 1e-5, float(n))
+        assert torch.equal(out[0].reshape(2, c, n), ref[0]), layout
+        for a, b in zip(out[1:], ref[1:], strict=True):
+            assert torch.equal(a, b), layout
+        dz = torch.ops.intl_kernels.whiten_bwd(dy, z, *out[1:], float(n))
+        dz_ref = torch.ops.intl_kernels.whiten_bwd(dyc, zc, *ref[1:], float(n))
+        assert torch.equal(dz.reshape(2, c, n), dz_ref), layout
+
+
+def test_resnet50_stage_grid_is_deterministic_and_accurate():
+    """The occupancy-sized grid of a ResNet-50 stage (one group of 64 over 256·56·56 columns: a
+    block per resident slot of every SM) merges in a fixed order: two runs give the same bits."""
+    x = torch.randn(256, 64, 56, 56, device=DEV, dtype=torch.bfloat16)
+    z = _group_view(x, 1, 64)
+    n = float(256 * 56 * 56)
+    runs = [torch.ops.intl_kernels.whiten_fwd(z, 5, 1e-5, n) for _ in range(2)]
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+    cov = runs[0][0].float().flatten(1) @ runs[0][0].float().flatten(1).T / n
+    torch.testing.assert_close(cov, torch.eye(64, device=DEV), atol=0.05, rtol=0)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_dy_on_another_gpu_rejected():
+    z = torch.randn(2, 8, 300, device="cuda:0")
+    _, *stats = torch.ops.intl_kernels.whiten_fwd(z, 5, 0.0, 300.0)
+    with pytest.raises(RuntimeError, match=r"dy must be on z's device cuda:0, got cuda:1"):
+        torch.ops.intl_kernels.whiten_bwd(torch.randn(2, 8, 300, device="cuda:1"), z, *stats, 300.0)
+
+
+def test_shared_memory_within_the_devices_opt_in_limit():
+    """Every streaming kernel fits the device's per-block opt-in shared memory (99 KiB on sm_86 /
+    sm_89), so every c runs: the largest buckets forward and backward."""
+    from intl_kernels import _C
+
+    assert max(s["dynamic_smem"] for s in _C.small_kernel_shapes()) <= 101376  # sm_86's opt-in
+    z, dy = _inputs((2, 128, 3000), torch.float32, 5)
+    check_whiten_against_reference(_whiten(5, 1e-5, 3000.0), z, dy, 5, 1e-5, 3000.0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -137,3 +138,57 @@ def test_cpu_only_build_with_skip_flag(tmp_path):
         text=True,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+def test_gencode_embeds_ptx_of_the_highest_arch():
+    """A cubin per architecture and the PTX of the highest beside them (newer GPUs JIT it)."""
+    setup = _setup_module()
+    flags = setup.gencode_flags(setup.cuda_archs("80;90"))
+    assert flags == [
+        "-gencode", "arch=compute_80,code=sm_80",
+        "-gencode", "arch=compute_90,code=sm_90",
+        "-gencode", "arch=compute_90,code=compute_90",
+    ]  # fmt: skip
+    assert setup.gencode_flags(setup.cuda_archs("90, 86"))[-1] == "arch=compute_90,code=compute_90"
+
+
+def _cuobjdump():
+    from bench.sass_report import find_tool
+
+    try:
+        return find_tool("cuobjdump")
+    except FileNotFoundError:
+        pytest.skip("cuobjdump not found (PATH, CUDA_HOME/bin, triton's nvidia/bin)")
+
+
+@pytest.fixture
+def cuda_so():
+    if not _C.cuda_built():
+        pytest.skip("the extension has no CUDA kernels")
+    return _C.__file__
+
+
+def test_built_extension_carries_ptx_of_its_highest_cubin(cuda_so):
+    tool = _cuobjdump()
+    elf = subprocess.run([tool, "--list-elf", cuda_so], capture_output=True, text=True, check=True).stdout
+    ptx = subprocess.run([tool, "--list-ptx", cuda_so], capture_output=True, text=True).stdout
+    cubins = {int(a) for a in re.findall(r"\.sm_(\d+)\.cubin", elf)}
+    ptxs = {int(a) for a in re.findall(r"\.sm_(\d+)\.ptx", ptx)}
+    assert cubins, elf
+    assert max(cubins) in ptxs, f"no PTX for sm_{max(cubins)} beside the cubins {sorted(cubins)}: {ptx!r}"
+
+
+def test_streaming_kernels_occupancy_gives_whole_waves(cuda_so):
+    """The sm_90 occupancy of the c = 64 streaming kernels, from their registers and shared memory
+    as built, lets the grid planner fill whole waves of an H100's 132 SMs at the ResNet-50 stages."""
+    _cuobjdump()
+    from bench.sass_report import cuda_kernels, extension_geometry
+
+    kernels = [k for k in cuda_kernels(cuda_so, "sm_90", extension_geometry(cuda_so)) if k["rows"] == 64]
+    assert len(kernels) == 12  # 4 kernels × 3 dtypes
+    for k in kernels:
+        assert k["spill_bytes"] <= 16, k["name"]
+        slots = k["blocks_per_sm"] * 132
+        for N, C, H in ((256, 64, 56), (256, 256, 56), (256, 512, 28), (256, 1024, 14), (256, 2048, 7)):
+            G, tiles = C // 64, -(-N * H * H // k["tile_columns"])
+            assert G * _C.plan_blocks(tiles, G, slots) % slots == 0, (k["name"], k["blocks_per_sm"], C)

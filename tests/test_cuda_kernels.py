@@ -3,7 +3,7 @@
 The kernel bodies in csrc/whiten_blocks.h are the code the GPU runs; the emulator runs them
 block by block and thread by thread, with the launch sequence of the CUDA launcher
 (csrc/whiten_small.h). These tests check that code against the paper reference under the
-tolerance rule (DESIGN §4), against the torch backend's statistics contract, for strided
+tolerance rule (docs/design.md §4), against the torch backend's statistics contract, for strided
 layouts, block partitions, extreme scales, and thread-order independence (a missing
 barrier shows up as a difference between the two thread orders). On a GPU the same
 checks run on the real kernels in test_cuda_backend.py.
@@ -241,3 +241,150 @@ def test_bad_input_errors():
         OPS.emulate_small_whiten_bwd(
             y, torch.randn(2, 4, 50), None, stats[0], stats[1], stats[2], stats[3][:1], *stats[4:], 50.0
         )
+
+
+# Per-tile indexing: every layout reads the same tile contents through its strides (a column's
+# offset once per tile, a row's once per block), so each gives the bits of a contiguous copy.
+# c = 64 fills its row bucket, c = 40 pads it (rows repeat row c − 1 and are dropped), c = 100 is
+# the c > 64 bucket (the backward streams [W | M]ᵀ in chunks); columns over several tiles and
+# blocks, a last tile shorter than the others.
+def _layout_case(layout, G, c, seed):
+    g = torch.Generator().manual_seed(seed)
+    N, H, W = 5, 6, 7  # n = 210 columns: n2 = 42 in NCHW, not a multiple of the tile width
+    if layout in ("nchw", "channels_last", "dy_other_layout"):
+        x = torch.randn(N, G * c, H, W, generator=g) * 2.0 + 0.5
+        d = torch.randn(N, G * c, H, W, generator=g)
+        if layout != "nchw":
+            x = x.to(memory_format=torch.channels_last)
+        if layout == "channels_last":
+            d = d.to(memory_format=torch.channels_last)
+        return _group_view(x, G, c), _group_view(d, G, c)
+    if layout == "sliced":  # every other column of a wider tensor, and a row slice
+        wide = torch.randn(G, c + 3, 2 * 210, generator=g) + 0.5
+        return wide[:, 1 : c + 1, ::2], torch.randn(G, c + 3, 210, generator=g)[:, :c]
+    if layout == "expanded_columns":  # (G, c, n1, n2) with stride 0 along n1
+        base = torch.randn(G, c, 1, 42, generator=g) + 0.5
+        return base.expand(G, c, 5, 42), torch.randn(G, c, 5, 42, generator=g)
+    if layout == "expanded_groups":  # groups sharing one (c, n) block: stride 0 along G
+        base = torch.randn(1, c, 210, generator=g) + 0.5
+        return base.expand(G, c, 210), torch.randn(G, c, 210, generator=g)
+    if layout == "transposed":  # (G, c, n) with unit row stride, as channels_last without batches
+        z = (torch.randn(G, 210, c, generator=g) + 0.5).transpose(1, 2)
+        return z, torch.randn(G, c, 210, generator=g)
+    raise AssertionError(layout)
+
+
+LAYOUTS = [
+    "nchw",
+    "channels_last",
+    "dy_other_layout",
+    "sliced",
+    "expanded_columns",
+    "expanded_groups",
+    "transposed",
+]
+
+
+@pytest.mark.parametrize("c", [64, 40, 100], ids=["c64", "c40-padded", "c100"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_per_tile_indexing_matches_contiguous_copy(layout, c):
+    G = 2
+    z, dy = _layout_case(layout, G, c, seed=c)
+    n = z.shape[2] * (z.shape[3] if z.dim() == 4 else 1)
+    zc, dyc = z.reshape(G, c, n).contiguous(), dy.reshape(G, c, n).contiguous()
+    w = torch.rand(G, c, generator=torch.Generator().manual_seed(1)) + 0.5
+    b = torch.randn(G, c, generator=torch.Generator().manual_seed(2))
+    for chunk in (128, 0):  # two blocks per group; the planner's default
+        out = OPS.emulate_small_whiten_fwd(z, w, b, 5, 1e-5, float(n), chunk)
+        ref = OPS.emulate_small_whiten_fwd(zc, w, b, 5, 1e-5, float(n), chunk)
+        assert out[0].shape == z.shape
+        assert torch.equal(out[0].reshape(G, c, n), ref[0]), layout
+        for a, r in zip(out[1:], ref[1:], strict=True):
+            assert torch.equal(a, r), layout
+        grads = OPS.emulate_small_whiten_bwd(dy, z, w, *out[1:], float(n), chunk)
+        grads_ref = OPS.emulate_small_whiten_bwd(dyc, zc, w, *ref[1:], float(n), chunk)
+        assert grads[0].shape == z.shape
+        assert torch.equal(grads[0].reshape(G, c, n), grads_ref[0]), layout
+        assert torch.equal(grads[1], grads_ref[1]) and torch.equal(grads[2], grads_ref[2])
+    if layout in ("nchw", "channels_last"):
+        assert out[0].stride() == z.stride() and grads[0].stride() == z.stride()
+    # and the contiguous copy against the reference
+    _check(zc, dyc, 5, 1e-5, float(n), chunk=128)
+
+
+@pytest.mark.parametrize("c", [64, 100], ids=["c64", "c100"])
+def test_thread_order_bitwise_identical_full_and_streamed_buckets(c):
+    """The c = 64 bucket (split-K Gram, no padding rows) and c > 64 (streamed [W | M]ᵀ) in both
+    thread orders, channels_last views (threads along rows)."""
+    z, dy = _layout_case("channels_last", 1, c, seed=3)
+    fwd = OPS.emulate_small_whiten_fwd(z, None, None, 4, 1e-5, 210.0, 64, False)
+    rev = OPS.emulate_small_whiten_fwd(z, None, None, 4, 1e-5, 210.0, 64, True)
+    for a, b in zip(fwd, rev, strict=True):
+        assert torch.equal(a, b)
+    w = torch.rand(1, c) + 0.5
+    d1 = OPS.emulate_small_whiten_bwd(dy, z, w, *fwd[1:], 210.0, 64, False)
+    d2 = OPS.emulate_small_whiten_bwd(dy, z, w, *fwd[1:], 210.0, 64, True)
+    for a, b in zip(d1, d2, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_exponent_grows_from_all_zero_tiles():
+    """A block whose first tiles (and first column) are zero: its exponent starts unset and the
+    first nonzero tile sets it (the rescale path from 'nothing summed'), then grows again."""
+    z, dy = _inputs((1, 64, 600), torch.float32, 13)
+    z[:, :, :200] = 0.0
+    z[:, :, 400:] *= 1e6
+    _check(z, dy, 4, 0.0, 599.0, chunk=320)
+
+
+def test_dy_on_another_device_rejected():
+    z = torch.randn(2, 4, 50)
+    _, *stats = OPS.emulate_small_whiten_fwd(z, None, None, 5, 0.0, 50.0)
+    with pytest.raises(RuntimeError, match=r"dy must be on z's device cpu, got meta"):
+        OPS.emulate_small_whiten_bwd(torch.empty(2, 4, 50, device="meta"), z, None, *stats, 50.0)
+
+
+# The grid planner (csrc/whiten_small.h, plan_blocks) as a pure function: the IterNorm layer's
+# groups of 64 channels at the ResNet-50 stages (N = 256), 132 SMs, and the blocks per SM a
+# streaming kernel can have at c = 64 (registers budgeted for 2 or 4; 1 where a device allows
+# less): the grid is whole waves of the resident slots, every block with at least 2 tiles.
+RESNET50 = [(256, 64, 56), (256, 256, 56), (256, 512, 28), (256, 1024, 14), (256, 2048, 7)]
+
+
+@pytest.mark.parametrize("per_sm", [1, 2, 4])
+def test_grid_planner_whole_waves_at_resnet50_stages(per_sm):
+    shapes = [s for s in _C.small_kernel_shapes() if s["rows"] == 64]
+    assert {(s["kernel"], s["bwd"]) for s in shapes} == {
+        ("stats", False),
+        ("apply", False),
+        ("dstats", True),
+        ("apply", True),
+    }
+    slots = per_sm * 132
+    for s in shapes:
+        for N, C, H in RESNET50:
+            G, n = C // 64, N * H * H
+            tiles = -(-n // s["columns"])
+            nb = _C.plan_blocks(tiles, G, slots)
+            assert (G * nb) % slots == 0, (s, C, H, nb)
+            assert 2 * nb <= tiles, (s, C, H, nb)
+
+
+def test_grid_planner_small_and_awkward_grids():
+    # fewer tiles than slots: one block per tile (a single partial wave, no tail)
+    assert _C.plan_blocks(3, 1, 264) == 3
+
+    # no whole number of waves within 16 (G = 17 on 264 slots): the shortest makespan in tiles
+    def makespan(nb):
+        return -(-17 * nb // 264) * -(-1000 // nb)
+
+    nb = _C.plan_blocks(1000, 17, 264)
+    assert makespan(nb) == min(makespan(k) for k in range(1, 1001))
+    # G = 7 on 264 slots: 7 whole waves of 264 blocks
+    assert _C.plan_blocks(1000, 7, 264) == 264
+    # whole waves when they exist: the fewest
+    assert _C.plan_blocks(12544, 1, 264) == 264 and _C.plan_blocks(196, 32, 264) == 33
+    for tiles, G, slots in [(1, 1, 1), (5, 65535, 528), (10**7, 3, 396)]:
+        assert 1 <= _C.plan_blocks(tiles, G, slots) <= tiles
+    with pytest.raises(RuntimeError, match="must be >= 1"):
+        _C.plan_blocks(0, 1, 264)
