@@ -1,4 +1,4 @@
-"""Backend registry and dispatch (DESIGN §5).
+"""Backend registry and dispatch (docs/design.md §5).
 
 A backend is a pair of functions ``fwd(z, T, eps, divisor, precision) -> (y, *stats)`` and
 ``bwd(dy, z, *stats, divisor, precision) -> dz`` with the contract of

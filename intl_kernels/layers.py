@@ -3,7 +3,7 @@ and ``ChannelWhitening`` (INTL's channel whitening as a module).
 
 The IterNorm layer whitens contiguous groups of c channels over the batch and spatial
 positions: for group g, Z_g = x[:, g·c:(g+1)·c] as a c × (N·H·W) matrix, divisor N·H·W,
-ridge eps, T Newton steps (DESIGN §2, mode batch/group). The groups are read as
+ridge eps, T Newton steps (docs/design.md §2, mode batch/group). The groups are read as
 (G, c, N, H·W) views of the input's memory, NCHW or channels_last, and the output is
 written in the input's layout: the triton, cpu and cuda backends read and write those views
 directly (cpu and cuda also fold the per-channel affine into their op), the torch

@@ -1,6 +1,6 @@
 """IterNorm whitening by Newton's iteration: the core op, its backends and its autograd.
 
-Algorithm (DESIGN §2), for each of the G matrices Z in z: (G, r, n):
+Algorithm (docs/design.md §2), for each of the G matrices Z in z: (G, r, n):
 
     Zs  = Z · 2^-e              power-of-two rescale (exact): |Zs| <= 1 (<= 4 at float max)
     Zh  = Zs − Zs[:, 0]         shift by the first column (exact when |mean| >> spread)
@@ -18,8 +18,8 @@ every finite input gives finite statistics. A group whose covariance is exactly 
 (all rows constant; τ = 0 when eps = 0) returns Y = 0 and a zero gradient. NaN or ±inf in
 a group gives NaN in that group's output only.
 
-Backward (DESIGN §3) is hand-written with symmetrised adjoints. With D = sym(P̄_{k+1}),
-X = P_k² and E = P_k·D, the three terms of DESIGN §3 group into one product:
+Backward (docs/design.md §3) is hand-written with symmetrised adjoints. With D = sym(P̄_{k+1}),
+X = P_k² and E = P_k·D, the three terms of docs/design.md §3 group into one product:
 
     P̄_k = 1.5 D − 0.5 (DX + XD + E·P_k)·A,      Ā += −0.5 X·E
 
@@ -128,7 +128,7 @@ def _whiten_fwd_torch(z: torch.Tensor, T: int, eps: float, divisor: float, preci
 
 
 def _whiten_bwd_torch(dy, z, mean, rscale, tau, A, P, X, divisor: float, precision: str = "ieee"):
-    """Plain-torch backward of :func:`_whiten_fwd_torch` (DESIGN §3). Returns dz."""
+    """Plain-torch backward of :func:`_whiten_fwd_torch` (docs/design.md §3). Returns dz."""
     cdt = A.dtype
     T = P.shape[0]
     r = A.shape[-1]
@@ -215,7 +215,7 @@ def whiten(
     backend: str = "auto",
     precision: str | None = None,
 ) -> torch.Tensor:
-    """Whiten the rows of each of G matrices by T Newton steps (DESIGN §2).
+    """Whiten the rows of each of G matrices by T Newton steps (docs/design.md §2).
 
     Args:
         z: (G, r, n) float tensor; rows are whitened against each other, columns are

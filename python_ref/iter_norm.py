@@ -1,9 +1,9 @@
-"""Reference whitening by Newton's iteration: the INTL IterNorm and the DESIGN §2 core.
+"""Reference whitening by Newton's iteration: the INTL IterNorm and the docs/design.md §2 core.
 
 Sources:
 - ``iter_norm_ref``: INTL (Weng et al., "Modulate Your Spectrum in Self-Supervised
   Learning", ICLR 2024), Appendix C, Figure I(a), function ``IterNorm``, line by line.
-- ``whiten_ref``: DESIGN.md §2 "One core primitive", the same iteration for a batch of
+- ``whiten_ref``: docs/design.md §2 (the core op), the same iteration for a batch of
   G matrices with a chosen divisor and ridge eps.
 
 Limits: no rescaling, so huge or tiny inputs can overflow; a zero-trace input divides
@@ -57,7 +57,7 @@ def whiten_ref(
     divisor: float | None = None,
     upcast: bool = False,
 ) -> torch.Tensor:
-    """DESIGN §2 core: whiten the r rows of each Z_g against each other, over n columns.
+    """docs/design.md §2 core: whiten the r rows of each Z_g against each other, over n columns.
 
         Zc = Z − mean_n(Z),  S = Zc Zcᵀ/divisor + eps·I,  τ = tr S,  A = S/τ,
         P_0 = I,  P_{k+1} = ½(3P_k − P_k³A),  Y = (P_T/√τ) Zc

@@ -55,7 +55,7 @@ def _step(layer, x, dy, params=False):
 def test_layer_matches_reference_over_steps(backend, case, affine):
     """Three training steps (outputs, input and affine-parameter gradients, running
     statistics), then eval. CPU backends in float64 against the float64 reference; triton
-    in float32 under the tolerance rule (DESIGN §4) against the float64 and float32 references."""
+    in float32 under the tolerance rule (docs/design.md §4) against the float64 and float32 references."""
     shape, c, dim = case
     dtype = torch.float32 if backend == "triton" else torch.float64
     dev = backend_device(backend)

@@ -195,7 +195,7 @@ def test_proposition2_increasing_in_T(T):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The references against the DESIGN §2 formulas, in both modes
+# The references against the docs/design.md §2 formulas, in both modes
 # ---------------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Backends of whiten / iter_norm against the paper reference (python_ref), DESIGN §2–§4."""
+"""Backends of whiten / iter_norm against the paper reference (python_ref), docs/design.md §2–§4."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Triton backend of intl_kernels (DESIGN §5): fused kernels for whiten forward and backward.
+"""Triton backend of intl_kernels (docs/design.md §5): fused kernels for whiten forward and backward.
 
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (how the tests run
 without a GPU). Importing this package imports triton; ``intl_kernels`` itself loads it

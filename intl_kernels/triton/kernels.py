@@ -1,4 +1,4 @@
-"""Triton kernels of the whiten op (DESIGN §2–§4). Launchers live in ``whiten.py``.
+"""Triton kernels of the whiten op (docs/design.md §2–§4). Launchers live in ``whiten.py``.
 
 Data flow of one forward, for G groups Z_g (r × n, read through strides):
 
@@ -399,7 +399,7 @@ def _whiten_newton_bwd_kernel(
     r, n_groups, n_steps, n, n_split, inv_div,
     BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """The whole adjoint recursion of DESIGN §3 for one group per program (r <= 64).
+    """The whole adjoint recursion of docs/design.md §3 for one group per program (r <= 64).
 
     GM = Ȳ Zcᵀ + Zc Ȳᵀ = 2·sym(W̄). With W = P_T/√τ: P̄_T = W̄/√τ, τ̄ = −⟨W̄, W⟩/(2τ); for
     k = T−1..1, D = sym(P̄_{k+1}), E = P_k D, H = X_k D + (X_k D)ᵀ + E P_k,
