@@ -36,16 +36,11 @@ from pathlib import Path
 
 import torch
 
+from bench.goals import RESNET50_STAGES
+
 T_CHANNEL, T_LAYER, GROUP = 4, 5, 64
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 0.0}  # as tests/conftest.py WHITEN_ATOL
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-RESNET50_STAGES = (
-    (256, 64, 56, 56),
-    (256, 256, 56, 56),
-    (256, 512, 28, 28),
-    (256, 1024, 14, 14),
-    (256, 2048, 7, 7),
-)
 BACKENDS = ("triton", "cuda")
 CUDA_MAX_ROWS = 128
 

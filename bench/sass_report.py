@@ -554,17 +554,26 @@ def layer_summary(kernels: list[dict], rows: int = 64, model=MODEL) -> list[dict
                     row[f"{direction}_{k}_ms"] = round(p["time_s"] * 1e3, 4)
                     row[f"{direction}_{k}_bound"] = p["bound"]
                     total += p["time_s"]
-                floor = BATCHNORM_PASSES[direction] * elements * b / model["hbm_bytes_per_s"]
-                row[f"{direction}_ms"] = round(total * 1e3, 4)
-                row[f"{direction}_batchnorm_floor_ms"] = round(floor * 1e3, 4)
-                row[f"{direction}_vs_floor"] = round(total / floor, 2)
-            row["total_ms"] = round(row["fwd_ms"] + row["bwd_ms"], 4)
-            row["total_batchnorm_floor_ms"] = round(
-                row["fwd_batchnorm_floor_ms"] + row["bwd_batchnorm_floor_ms"], 4
-            )
-            row["total_vs_floor"] = round(row["total_ms"] / row["total_batchnorm_floor_ms"], 2)
-            out.append(row)
+                against_floor(row, direction, total, elements * b, model)
+            out.append(with_total(row))
     return out
+
+
+def against_floor(row: dict, direction: str, seconds: float, tensor_bytes: int, model=MODEL) -> None:
+    """Puts a direction's predicted time, BatchNorm's memory floor for it (its passes over a
+    tensor of ``tensor_bytes``) and their ratio into a layer row."""
+    floor = BATCHNORM_PASSES[direction] * tensor_bytes / model["hbm_bytes_per_s"]
+    row[f"{direction}_ms"] = round(seconds * 1e3, 4)
+    row[f"{direction}_batchnorm_floor_ms"] = round(floor * 1e3, 4)
+    row[f"{direction}_vs_floor"] = round(seconds / floor, 2)
+
+
+def with_total(row: dict) -> dict:
+    """The layer row with forward + backward against the floor of both."""
+    row["total_ms"] = round(row["fwd_ms"] + row["bwd_ms"], 4)
+    row["total_batchnorm_floor_ms"] = round(row["fwd_batchnorm_floor_ms"] + row["bwd_batchnorm_floor_ms"], 4)
+    row["total_vs_floor"] = round(row["total_ms"] / row["total_batchnorm_floor_ms"], 2)
+    return row
 
 
 def per_element_totals(kernels: list[dict], rows: int = 64) -> dict:

@@ -220,16 +220,8 @@ def layer_summary(kernels: list[dict], programs: dict | None = None, model=sr.MO
                     row[f"{direction}_{name}_ms"] = round(p["time_s"] * 1e3, 4)
                     row[f"{direction}_{name}_bound"] = p["bound"]
                     total += p["time_s"]
-                floor = sr.BATCHNORM_PASSES[direction] * elements * b / model["hbm_bytes_per_s"]
-                row[f"{direction}_ms"] = round(total * 1e3, 4)
-                row[f"{direction}_batchnorm_floor_ms"] = round(floor * 1e3, 4)
-                row[f"{direction}_vs_floor"] = round(total / floor, 2)
-            row["total_ms"] = round(row["fwd_ms"] + row["bwd_ms"], 4)
-            row["total_batchnorm_floor_ms"] = round(
-                row["fwd_batchnorm_floor_ms"] + row["bwd_batchnorm_floor_ms"], 4
-            )
-            row["total_vs_floor"] = round(row["total_ms"] / row["total_batchnorm_floor_ms"], 2)
-            out.append(row)
+                sr.against_floor(row, direction, total, elements * b, model)
+            out.append(sr.with_total(row))
     return out
 
 

@@ -288,6 +288,23 @@ struct Acc {
   }
 };
 
+// The Gram accumulators of KS column slices (thread t holds slice t / (TG·TG)'s tile t % (TG·TG))
+// merged into slice 0's in slice order, through `buf` (CB × CB floats of shared memory).
+template <int KS, int TG, int CB, class Block, class Accs>
+INTL_HD void merge_slices(Block& blk, Accs& acc, float* buf) {
+  for (int r = 1; r < KS; ++r) {
+    blk.each([&](int t) {
+      const int u = t % (TG * TG);
+      if (t / (TG * TG) == r) acc[t].template store<TG, TG, CB>(u / TG, u % TG, buf);
+    });
+    blk.sync();
+    blk.each([&](int t) {
+      if (t < TG * TG) acc[t].template add<TG, TG, CB>(t / TG, t % TG, buf);
+    });
+    blk.sync();
+  }
+}
+
 // Deterministic tree sum of one float per thread; every thread gets the result.
 template <class Block>
 INTL_HD float block_sum(Block& blk, float* red, typename Block::template Local<float>& v) {
@@ -558,17 +575,7 @@ INTL_HD void stats_body(Block& blk, int bx, int g, float* sm, const StatsArgs<sc
   }
 
   // Merge the column slices in slice order (the tile is free after the loop's last barrier).
-  for (int r = 1; r < S::KS; ++r) {
-    blk.each([&](int t) {
-      const int u = t % (TG * TG);
-      if (t / (TG * TG) == r) acc[t].template store<TG, TG, CB>(u / TG, u % TG, tile);
-    });
-    blk.sync();
-    blk.each([&](int t) {
-      if (t < TG * TG) acc[t].template add<TG, TG, CB>(t / TG, t % TG, tile);
-    });
-    blk.sync();
-  }
+  merge_slices<S::KS, TG, CB>(blk, acc, tile);
   // Row sums: the 32 column lanes' partial sums, added in lane order.
   const int64_t pb = static_cast<int64_t>(g) * a.nblk + bx;
   float* q = a.part_q + pb * c * c;
@@ -1056,17 +1063,7 @@ INTL_HD void dstats_body(Block& blk, int bx, int g, float* sm, const DStatsArgs<
     });
     blk.sync();
   }
-  for (int r = 1; r < S::KS; ++r) {
-    blk.each([&](int t) {
-      const int u = t % (TG * TG);
-      if (t / (TG * TG) == r) acc[t].template store<TG, TG, CB>(u / TG, u % TG, sm);
-    });
-    blk.sync();
-    blk.each([&](int t) {
-      if (t < TG * TG) acc[t].template add<TG, TG, CB>(t / TG, t % TG, sm);
-    });
-    blk.sync();
-  }
+  merge_slices<S::KS, TG, CB>(blk, acc, sm);
   const int64_t pb = static_cast<int64_t>(g) * a.nblk + bx;
   float* q = a.part_q + pb * c * c;
   blk.each([&](int t) {
