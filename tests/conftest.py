@@ -19,6 +19,9 @@ from intl_kernels.testing import assert_tolerance_rule, describe_error, max_err 
 
 
 def pytest_collection_modifyitems(config, items):
+    # Slow tests first (stable otherwise): with several workers (make test) the long ones start
+    # at once and the short ones fill in around them, instead of one long test ending the run.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -88,6 +88,7 @@ def _tools_missing() -> str | None:
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_tools_missing() is not None, reason=str(_tools_missing()))
 def test_report_of_both_backends_meets_the_layer_targets(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -289,6 +289,7 @@ def compile_all(
     pool = ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"))
     futures = {pool.submit(_compile_variant, v): i for i, v in enumerate(variants)}
     timeout = None if deadline is None else max(0.0, deadline - time.time())
+    stopped = False
     try:
         for done, fut in enumerate(as_completed(futures, timeout=timeout), 1):
             i = futures[fut]
@@ -300,8 +301,11 @@ def compile_all(
             if log and (done % 25 == 0 or done == len(variants)):
                 log(f"{done}/{len(variants)} compiled in {time.time() - start:.0f} s with {jobs} processes")
     except FuturesTimeout:
+        stopped = True
         for proc in list(getattr(pool, "_processes", {}).values()):  # stop compiles in flight
             proc.kill()
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        # Waiting for a pool whose work is done joins its management thread now; left running,
+        # it races the interpreter's exit ("Exception ignored ... Bad file descriptor").
+        pool.shutdown(wait=not stopped, cancel_futures=True)
     return [r if r is not None else (variants[i], 0.0, None, "deadline") for i, r in enumerate(results)]

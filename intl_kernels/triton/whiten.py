@@ -129,12 +129,19 @@ def gram_config(r: int, dtype: torch.dtype, prec: str) -> tuple[dict, int, int]:
 def apply_config(r: int, dtype: torch.dtype, prec: str) -> tuple[dict, int, int]:
     """Y = W·Zc (and the backward's two products) for r <= SMALL_R_MAX: one row block covers
     all r rows, so every column tile of Z is read once; a tile holds 4096 outputs. sm_90 at
-    r = 64: FMA 64×64×16: 128 / 146 registers forward / backward; no spills."""
+    r = 64: FMA 64×64×16: 128 / 146 registers forward / backward; no spills.
+
+    At 128 rows three tiles spill a few bytes on sm_80 with one of the two Triton versions the
+    project supports (3.6 and 3.8), and are cut down: FMA takes 2 pipeline stages, tf32x3 128 × 16
+    tiles; tf32x3 takes BLOCK_K 16 at every r (as in the covariance)."""
     if INTERPRET:
         return _INTERP_APPLY
     bm = min(max(16, triton.next_power_of_2(r)), SMALL_R_MAX)
-    bk = 16 if product_kind(dtype, prec) == "fma" else 32
-    return ({"BLOCK_M": bm, "BLOCK_N": max(32, 4096 // bm), "BLOCK_K": bk}, 8, 3)
+    kind = product_kind(dtype, prec)
+    bk = 16 if kind in ("fma", "tf32x3") else 32
+    bn = 16 if kind == "tf32x3" and bm == 128 else max(32, 4096 // bm)
+    stages = 2 if kind == "fma" and bm == 128 else 3
+    return ({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, 8, stages)
 
 
 def newton_config(r: int) -> tuple[dict, int, int]:
@@ -176,17 +183,19 @@ _gram = _tuned(
     },
     _INTERP_GRAM,
 )
+# FMA and tf32x3: BLOCK_K 16 and a 64 × 32 tile at 4 warps; with Triton 3.6, 64 × 32 at 8 warps
+# spills on sm_90 (FMA) and 64 × 64 × 32 on sm_80 (tf32x3).
 _apply = _tuned(
     K._whiten_apply_kernel,
     ["size_class", "HAS_DY", "PREC"],
     {
         "fma": [
             ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16}, 8, 3),
-            ({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16}, 8, 3),
+            ({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16}, 4, 3),
         ],
         "tf32x3": [
-            ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 8, 3),
             ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16}, 8, 3),
+            ({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16}, 4, 3),
         ],
         "tf32": _HALF_APPLY,
         "half": _HALF_APPLY,
