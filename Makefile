@@ -23,8 +23,9 @@ $(STAMP): $(PY) $(BUILD_INPUTS)
 install: $(STAMP)
 
 # Tests run on TEST_WORKERS processes (pytest-xdist), one torch thread each: the suite is mostly
-# single-threaded Python (Triton's interpreter, subprocess builds and compiles), so two workers
-# on two cores halve its time, and one thread per worker keeps them from oversubscribing.
+# single-threaded Python (Triton's interpreter, subprocesses that compile), so two workers on two
+# cores cut its time by a third (322 -> 217 s measured), and one thread per worker keeps them
+# from oversubscribing the cores.
 TEST_WORKERS ?= 2
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal tests
