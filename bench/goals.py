@@ -1,16 +1,16 @@
-"""The performance goals of the issues, as ratios measured in one run (baseline median / ours).
+"""The project's performance goals, as ratios measured in one run (baseline median / ours).
 
-C1 (Foundation issue): channel whitening forward+backward at (N, D) = (512, 2048), float32,
-    ``cpu`` ≥ 1.5× the paper's code on the CPU (``official`` is that code with ``addmm``).
-C2 (layers issue): IterNorm layer forward+backward at (32, 256, 14, 14) and (32, 64, 56, 56),
-    float32, ``cpu`` ≥ 2× the IterNorm authors' layer (``iternorm_pytorch``).
-P1 (Triton issue): channel whitening forward+backward at (256, 8192), float32, ``triton``
-    ≥ 4× ``official`` and ≥ 2× ``compiled``.
-P2 (Triton issue): six crops of (256, 8192) in one call ≥ 6× the authors' per-crop loop.
-P3 (CUDA issue): IterNorm layer forward+backward on the ResNet-50 stage shapes (N = 256),
-    ≥ 8× ``iternorm_pytorch`` and within 1.5× of ``batchnorm`` (batchnorm / ours ≥ 1/1.5),
-    for ``cuda`` (the issue's backend) and ``triton`` (what ``auto`` picks today).
-P4 (Triton issue): the Newton part at r = 4096 ≥ 1.6× the cuBLAS iteration (``cublas``).
+C1: channel whitening forward+backward at (N, D) = (512, 2048), float32, ``cpu`` ≥ 1.5× the
+    paper's code on the CPU (``official`` is that code with ``addmm``).
+C2: IterNorm layer forward+backward at (32, 256, 14, 14) and (32, 64, 56, 56), float32, ``cpu``
+    ≥ 2× the IterNorm authors' layer (``iternorm_pytorch``).
+P1: channel whitening forward+backward at (256, 8192), float32, ``triton`` ≥ 4× ``official``
+    and ≥ 2× ``compiled``.
+P2: six crops of (256, 8192) in one call ≥ 6× the authors' per-crop loop.
+P3: IterNorm layer forward+backward on the ResNet-50 stage shapes (N = 256), ≥ 8×
+    ``iternorm_pytorch`` and within 1.5× of ``batchnorm`` (batchnorm / ours ≥ 1/1.5), for
+    ``cuda`` (the backend built for the layer) and ``triton`` (what ``auto`` picks).
+P4: the Newton part at r = 4096 ≥ 1.6× the cuBLAS iteration (``cublas``).
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ GRIDS = {
         {"channel": ((256, 2048), (512, 2048)), "crops": ((6, 256, 2048),), "layer": C2_SHAPES, "newton": ()},
         ("float32",),
     ),
-    # the goal points P1-P4 alone (`make gpu-check`, tier goals; `bench.compile_budget`)
+    # the goal points P1-P4 alone (`make gpu-check`, tier goals; `verify.compile_budget`)
     "goals": Grid(
         {
             "channel": ((256, 8192),),

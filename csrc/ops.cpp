@@ -91,7 +91,7 @@ TORCH_LIBRARY_IMPL(intl_kernels, CUDA, m) {
 namespace {
 
 // The cuda backend's streaming kernels as launched: tile columns, threads and dynamic shared
-// memory per block (bench/sass_report.py; the same on every device).
+// memory per block (verify/sass_report.py; the same on every device).
 template <intl_kernels::small::Pass P, int CB>
 pybind11::dict kernel_shape(const char* kernel, bool bwd) {
   using Shape = intl_kernels::small::PassShape<P, CB>;

@@ -163,7 +163,7 @@ def test_gencode_embeds_ptx_of_the_highest_arch():
 
 
 def _cuobjdump():
-    from bench.sass_report import find_tool
+    from verify.sass_report import find_tool
 
     try:
         return find_tool("cuobjdump")
@@ -192,7 +192,7 @@ def test_streaming_kernels_occupancy_gives_whole_waves(cuda_so):
     """The sm_90 occupancy of the c = 64 streaming kernels, from their registers and shared memory
     as built, lets the grid planner fill whole waves of an H100's 132 SMs at the ResNet-50 stages."""
     _cuobjdump()
-    from bench.sass_report import cuda_kernels, extension_geometry
+    from verify.sass_report import cuda_kernels, extension_geometry
 
     kernels = [k for k in cuda_kernels(cuda_so, "sm_90", extension_geometry(cuda_so)) if k["rows"] == 64]
     assert len(kernels) == 12  # 4 kernels × 3 dtypes

@@ -1,4 +1,4 @@
-"""bench.sass_report without a GPU: the SASS analysis on hand-written listings, and the report of
+"""verify.sass_report without a GPU: the SASS analysis on hand-written listings, and the report of
 both backends' streaming kernels against the targets of the built extension (c = 64: at most 6
 warp-instructions per element forward and 9 backward on the cuda backend; no spills)."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import sass_report as sr
+from verify import sass_report as sr
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,7 +94,7 @@ def test_report_of_both_backends_meets_the_layer_targets(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.sass_report", "--tag", "t", "--out-dir", str(tmp_path)],
+        [sys.executable, "-m", "verify.sass_report", "--tag", "t", "--out-dir", str(tmp_path)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,6 +1,6 @@
 """The Triton compile budget of a first GPU run of the goal points, counted without a GPU.
 
-    python -m bench.compile_budget [--arch 90] [--compile] [--jobs N] [--out PATH]
+    python -m verify.compile_budget [--arch 90] [--compile] [--jobs N] [--out PATH]
 
 Records (``intl_kernels.triton.launches``: Triton's real sm_90 launch specialization, meta
 tensors, nothing executes) the launches of the goal points exactly as ``make gpu-check`` runs
@@ -13,7 +13,8 @@ against the budget (BUDGET), and with ``--compile`` compiles every variant for s
 ``bench/results/compile-budget-sm90.json``). Needs TRITON_INTERPRET unset.
 
 The other providers' compiles (torch.compile's inductor kernels for ``compiled``) are not ours
-and not counted. The smoke tier's launches are recorded beside (``smoke``), for the warm-up.
+and not counted. The smoke and sanitizer tiers' launches are recorded beside (``smoke``,
+``sanitizer``: what they compile beyond the goals), for the warm-up.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import time
 from pathlib import Path
 
 BUDGET = {"compiles": 120, "benchmarks": 200}
-RESULTS = Path(__file__).resolve().parent / "results"
+# Results beside the benchmarks' (committed under bench/results/).
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 GOAL_MODES = ("fwd", "bwd", "full")
 
 
@@ -54,18 +56,20 @@ def record_goals() -> None:
 
 
 def count(arch: int = 90):
-    """(goals recording, smoke recording) for sm_<arch>."""
-    from bench import gpu_smoke
+    """(goals, smoke, sanitizer recordings) for sm_<arch>."""
     from intl_kernels.triton import launches
+    from verify import gpu_smoke, sanitize_case
 
     with launches.record(arch) as goals:
         record_goals()
     with launches.record(arch) as smoke:
         gpu_smoke.record_launches(dry_run=False)
-    return goals, smoke
+    with launches.record(arch) as sanitizer:
+        sanitize_case.record_launches(dry_run=False)
+    return goals, smoke, sanitizer
 
 
-def report(goals, smoke, compiled=None, arch: int = 90) -> dict:
+def report(goals, smoke, sanitizer, compiled=None, arch: int = 90) -> dict:
     """The JSON report: totals and per-kernel counts, the budget, and compile seconds if given."""
     import torch
     import triton
@@ -92,6 +96,12 @@ def report(goals, smoke, compiled=None, arch: int = 90) -> dict:
             "new_beyond_goals": len({v.ident for v in smoke.variants} - {v.ident for v in goals.variants}),
             "benchmarks": smoke.benchmarks,
         },
+        "sanitizer": {
+            "compiles": len(sanitizer.variants),
+            "new_beyond_goals_and_smoke": len(
+                {v.ident for v in sanitizer.variants} - {v.ident for v in goals.variants + smoke.variants}
+            ),
+        },
     }
     if compiled is not None:
         seconds = [t for _, t, _, err in compiled if err is None]
@@ -112,7 +122,7 @@ def report(goals, smoke, compiled=None, arch: int = 90) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.compile_budget", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m verify.compile_budget", description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability (default 90)")
     ap.add_argument("--compile", action="store_true", help="compile every goal variant and time it")
     ap.add_argument("--jobs", type=int, default=None, help="compile processes (default: CPU count)")
@@ -123,13 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0").strip() == "1":
         ap.error("unset TRITON_INTERPRET (interpreted kernels do not compile)")
     start = time.time()
-    goals, smoke = count(args.arch)
+    goals, smoke, sanitizer = count(args.arch)
     compiled = None
     if args.compile:
         from intl_kernels.triton import launches
 
         compiled = launches.compile_all(goals.variants, jobs=args.jobs, log=lambda m: print(m, flush=True))
-    rep = report(goals, smoke, compiled, args.arch)
+    rep = report(goals, smoke, sanitizer, compiled, args.arch)
     path = args.out or RESULTS / f"compile-budget-sm{args.arch}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rep, indent=2) + "\n")
@@ -146,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
             f"compile: {cs['variants']} variants, {cs['total_one_core']} s on one core in all, "
             f"mean {cs['mean']} s, max {cs['max']} s, {len(cs['failures'])} failures"
         )
-    sm = rep["smoke"]
+    sm, sa = rep["smoke"], rep["sanitizer"]
     print(f"smoke tier: {sm['compiles']} compiles, {sm['new_beyond_goals']} beyond the goals'")
+    print(f"sanitizer tier: {sa['compiles']} compiles, {sa['new_beyond_goals_and_smoke']} beyond those")
     print(f"wrote {path} ({time.time() - start:.0f} s)")
     return 0 if g["within_budget"] and not (compiled and rep["compile_seconds"]["failures"]) else 1
 
