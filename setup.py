@@ -7,14 +7,16 @@ Environment flags (compared to "1"):
   MAX_JOBS=N                       parallel compile jobs (ninja; read by torch's BuildExtension)
 
 The C++ CPU kernels are always built. CUDA sources are compiled only when torch is a
-CUDA build and nvcc is found (CUDA_HOME, or the toolkit of the nvcc on PATH); otherwise
-the build says why and goes on CPU-only. Install: `pip install --no-build-isolation -e .`
+CUDA build and nvcc is found (CUDA_HOME, or the toolkit of the nvcc on PATH) with torch's CUDA
+major version; otherwise the build says why and goes on CPU-only.
+Install: `pip install --no-build-isolation -e .`
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 
@@ -66,9 +68,27 @@ def _cuda_disabled_reason(torch) -> str | None:
     if torch.version.cuda is None:
         return "torch is not a CUDA build"
     home = _cuda_home()
-    if home is None or not os.path.exists(os.path.join(home, "bin", "nvcc")):
+    nvcc = os.path.join(home, "bin", "nvcc") if home else None
+    if nvcc is None or not os.path.exists(nvcc):
         return "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+    release = _nvcc_release(nvcc)
+    if release and release.split(".")[0] != torch.version.cuda.split(".")[0]:
+        # torch's cpp_extension refuses a CUDA major version other than its own
+        return (
+            f"nvcc is CUDA {release} but torch was built with CUDA {torch.version.cuda}; "
+            "install the torch build of nvcc's CUDA major version (or point CUDA_HOME at a matching toolkit)"
+        )
     return None
+
+
+def _nvcc_release(nvcc: str) -> str | None:
+    """nvcc's CUDA release, e.g. "13.0" (None when it cannot be read)."""
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else None
 
 
 def cuda_archs(spec: str) -> list[str]:

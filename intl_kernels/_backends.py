@@ -40,9 +40,33 @@ DTYPES: dict[str, tuple[torch.dtype, ...]] = {
 MAX_ROWS: dict[str, int | None] = {"torch": None, "cpu": None, "triton": None, "cuda": 128}
 
 
+# Read once, at import: Triton decides at decoration time whether kernels are interpreted, and
+# torch.compile must not trace environment reads or importlib (torch.compile of older torch
+# releases fails on both, and a traced read would add guards on the environment).
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_interpret() -> bool:
-    """True when Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
+    """True when Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return _TRITON_INTERPRET
+
+
+def constant_when_compiled(fn: Callable) -> Callable:
+    """Mark ``fn`` as ``torch.compiler.assume_constant_result`` does: torch.compile calls it once
+    while tracing and keeps its result as a constant instead of tracing its body. The marker is
+    the attribute that function sets (torch 2.4 to 2.15; ``tests/test_compile.py`` checks it for
+    the installed torch); setting it directly spares ``import intl_kernels`` the import of
+    torch._dynamo (about a second)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@constant_when_compiled
+def backend_from_env() -> str:
+    """The value of ``INTL_KERNELS_BACKEND`` ('' when unset). Read at each eager call; a compiled
+    function reads it once, when torch.compile traces it, and keeps that value as a constant."""
+    return os.environ.get(ENV_VAR, "").strip()
 
 
 _KERNELS: dict[str, tuple[Callable, Callable]] = {}
@@ -80,7 +104,7 @@ def set_unavailable(name: str, reason: str) -> None:
 
 
 def _triton_unavailable_reason() -> str | None:
-    if importlib.util.find_spec("triton") is None:
+    if not _TRITON_INSTALLED:
         return "the triton package is not installed"
     if not triton_interpret() and not torch.cuda.is_available():
         return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU tensors, slowly)"
@@ -136,7 +160,7 @@ def resolve(fn: str, backend: object, z: torch.Tensor, precision: object) -> tup
     wrong for z (device, dtype, r above the backend's limit)."""
     backend = _check_name(fn, backend, "backend")
     if backend == "auto":
-        env = os.environ.get(ENV_VAR, "").strip()
+        env = backend_from_env()
         backend = _check_name(fn, env, f"environment variable {ENV_VAR}") if env else "auto"
     if backend == "auto":
         backend = _auto(z)

@@ -51,9 +51,12 @@ _FOLDS_AFFINE = ("cpu", "cuda")
 class GroupWhitenFn(torch.autograd.Function):
     """Whitening of the channel groups of an (N, C, *spatial) tensor.
 
-    Returns y4, the whitened groups as a (G, c, N, L) tensor laid out in memory like x
-    (``_from_columns(y4, x.shape)`` is then a view in x's layout; taking that view outside
-    the Function keeps in-place ops such as ReLU(inplace=True) on it legal), and the batch
+    Returns y4, the whitened groups as a (G, c, N, L) tensor, laid out in memory like x on the
+    backends that read the group views (``_from_columns(y4, x.shape)`` is then a view in x's
+    layout; taking that view outside the Function keeps in-place ops such as ReLU(inplace=True)
+    on it legal) and contiguous on the torch backend (the layer copies it into x's layout
+    outside the Function: a Function returning an in-place copy gets a zero gradient under
+    torch.compile on torch 2.11), and the batch
     statistics in the input's scale for the running averages (not differentiable): mean
     (G, c, 1) and whitening matrix W = P_T/√tr S (G, c, c), float32 (float64 for float64
     inputs).
@@ -74,9 +77,9 @@ class GroupWhitenFn(torch.autograd.Function):
                 _, *stats = _whiten_fwd(z4, T, eps, float(n), precision, out=y4)
             elif backend in _READS_GROUP_VIEWS:  # strided reads; y4 = empty_like(z4)
                 y4, *stats = fwd(z4, T, eps, float(n), precision)
-            else:
+            else:  # a reshaped copy in, (G, c, N, L) out; the layer copies it into x's layout
                 y3, *stats = fwd(z4.reshape(G, c, n), T, eps, float(n), precision)
-                y4 = torch.empty_like(z4).copy_(y3.view(G, c, N, L))
+                y4 = y3.view(G, c, N, L)
             mu, wm = _running_terms(z4, *stats)
         ctx.save_for_backward(x, *stats)
         ctx.meta = (c, n, backend, precision)
@@ -100,7 +103,7 @@ class GroupWhitenFn(torch.autograd.Function):
                 dx4 = bwd(dy4, z4, *stats, float(n), precision)
             else:
                 dz3 = bwd(dy4.reshape(G, c, n), z4.reshape(G, c, n), *stats, float(n), precision)
-                dx4 = torch.empty_like(z4).copy_(dz3.view(z4.shape))
+                dx4 = torch.empty_like(z4).copy_(dz3.view(z4.shape))  # in x's layout
         return _from_columns(dx4, x.shape), None, None, None, None, None
 
 
@@ -276,7 +279,11 @@ class IterNorm(nn.Module):
                 y4, mu, wm = GroupWhitenAffineFn.apply(x, weight, bias, c, self.T, self.eps)
             else:
                 y4, mu, wm = GroupWhitenFn.apply(x, c, self.T, self.eps, backend, precision)
-            y = _from_columns(y4, x.shape)
+            if folded or backend in _READS_GROUP_VIEWS:
+                y = _from_columns(y4, x.shape)  # a view in x's layout
+            else:
+                y = _empty_like_layout(x)
+                _columns(y, self.num_groups, c).copy_(y4)
             with torch.no_grad():
                 self.running_mean.lerp_(mu.to(self.running_mean.dtype), self.momentum)
                 self.running_wm.lerp_(wm.to(self.running_wm.dtype), self.momentum)

@@ -85,6 +85,17 @@ def _safe_tau(tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return tau_safe, rsqrt_tau
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in ``dtype``, as the tensor itself when it already is (not a no-op ``.to``).
+
+    An autograd.Function must not return the result of a no-op op (``.to`` of the same dtype,
+    ``.contiguous()`` of a contiguous tensor, an in-place copy): under torch.compile, torch 2.11
+    hands such an output a zero gradient. Every Function of the package returns the output of a
+    real computation.
+    """
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _sym(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (x + x.mT)
 
@@ -122,7 +133,7 @@ def _whiten_fwd_torch(z: torch.Tensor, T: int, eps: float, divisor: float, preci
         Q = torch.bmm(Xs[-1], A)
         Ps.append(torch.baddbmm(P, P, Q, beta=1.5, alpha=-0.5))
     W = Ps[-1] * rsqrt_tau
-    y = torch.bmm(W, zc).to(z.dtype)
+    y = _cast(torch.bmm(W, zc), z.dtype)
     X = torch.stack(Xs) if Xs else A.new_empty((0, G, r, r))
     return y, mean, rscale, tau, A, torch.stack(Ps), X
 
@@ -154,7 +165,7 @@ def _whiten_bwd_torch(dy, z, mean, rscale, tau, A, P, X, divisor: float, precisi
     dS = dA / tau_safe + dtau * torch.eye(r, dtype=cdt, device=A.device)
     dzc = torch.baddbmm(dzc, dS + dS.mT, zc, alpha=1.0 / divisor)
     dzs = dzc - dzc.mean(dim=-1, keepdim=True)
-    return (dzs * rscale).to(z.dtype)
+    return _cast(dzs * rscale, z.dtype)
 
 
 def fake_whiten_fwd(z, T, eps, divisor, precision="ieee"):

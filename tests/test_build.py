@@ -47,6 +47,22 @@ def test_nvcc_found(setup_module, monkeypatch, tmp_path):
     assert setup_module._cuda_disabled_reason(_torch("13.0")) is None
 
 
+@pytest.mark.parametrize("release, builds", [("13.0", True), ("12.8", False)])
+def test_nvcc_major_must_match_torch_cuda(setup_module, monkeypatch, tmp_path, release, builds):
+    """torch's cpp_extension refuses an nvcc of another CUDA major: the build goes CPU-only and says why."""
+    monkeypatch.delenv("INTL_KERNELS_SKIP_CUDA_BUILD", raising=False)
+    (tmp_path / "bin").mkdir()
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.88'\n")
+    nvcc.chmod(0o755)
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    reason = setup_module._cuda_disabled_reason(_torch("13.0"))
+    if builds:
+        assert reason is None
+    else:
+        assert f"nvcc is CUDA {release}" in reason and "CUDA 13.0" in reason, reason
+
+
 def test_skip_build_gives_no_extension(setup_module, monkeypatch):
     monkeypatch.setenv("INTL_KERNELS_SKIP_BUILD", "1")
     assert setup_module._ext_modules() == ([], {})

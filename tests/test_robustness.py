@@ -1,4 +1,4 @@
-"""Finite output and gradient for every finite input (Foundation issue, item 5)."""
+"""Finite output and gradient for every finite input (docs/design.md §2, power-of-two rescale)."""
 
 from __future__ import annotations
 

@@ -46,9 +46,13 @@ class _Tf32:
         torch.backends.cuda.matmul.allow_tf32 = self.old
 
 
-# (G, r, n) up to r = 4096 and n = 8192: the one-program Newton path (r <= 128), the
-# tiled one, channel mode at INTL's batch sizes, six crops in one call.
+# (G, r, n) up to r = 4096 and n = 8192: the one-program Newton kernels at 4 warps (r <= 32,
+# BLOCK 16 and 32, odd r included) and 8 warps (r <= 64), the per-r formula configs up to
+# r = 128, the tiled path, channel mode at INTL's batch sizes, six crops in one call.
 SHAPES = {
+    "G8-r8-n512-small-r": (8, 8, 512),
+    "G4-r17-n1000-small-r": (4, 17, 1000),
+    "G4-r32-n2048-small-r": (4, 32, 2048),
     "G32-r64-n3136-layer": (32, 64, 3136),
     "G4-r128-n4096": (4, 128, 4096),
     "G1-r256-n8192-intl": (1, 256, 8192),
@@ -171,3 +175,21 @@ def test_deterministic():
 
 def test_torch_compile_inductor_fullgraph():
     check_compiled_intl_loss("triton", "cuda", None)  # the default inductor backend
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_launches_on_the_tensors_device():
+    """Tensors on cuda:1 while cuda:0 is current: the launchers make cuda:1 current for their
+    launches (Triton launches on the current device) and give the results of a run on cuda:0."""
+    z, dy = _inputs((3, 40, 700), torch.float32)
+    torch.cuda.set_device(0)
+    results = []
+    for device in ("cuda:0", "cuda:1"):
+        results.append(_grads(lambda t: ik.whiten(t, 5, backend="triton"), z.to(device), dy.to(device)))
+        assert torch.cuda.current_device() == 0, "the guard restores the current device"
+    (y0, dz0), (y1, dz1) = results
+    assert y1.device == torch.device("cuda:1")
+    # same kernels, same inputs: equal up to the split of the column reductions, which follows
+    # each GPU's SM count (bitwise equal on two GPUs of one model)
+    torch.testing.assert_close(y1.cpu(), y0.cpu())
+    torch.testing.assert_close(dz1.cpu(), dz0.cpu())

@@ -10,6 +10,44 @@ import triton
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
 
 
+def _triton_version() -> tuple[int, int]:
+    major, minor = (
+        int("".join(ch for ch in part if ch.isdigit()) or 0) for part in triton.__version__.split(".")[:2]
+    )
+    return major, minor
+
+
+def fix_interpreter_scalar_index() -> bool:
+    """Make the interpreter of Triton < 3.7 work with numpy >= 2.4; True when it applied.
+
+    That interpreter turns a scalar into a Python int (a loop bound: ``range(lo, hi, BLOCK)``
+    with ``hi`` a kernel argument) by ``int()`` of its one-element 1-D array, which numpy 2.4
+    refuses ("only 0-dimensional arrays can be converted to Python scalars"), so every kernel
+    with a run-time loop bound fails there. Triton 3.7 takes the element out first; this gives
+    the older interpreter that conversion (its per-launch patch of ``tl.tensor`` is wrapped, and
+    restored with it after each launch). Interpreter only: compiled kernels are not affected.
+    """
+    if _triton_version() >= (3, 7):
+        return False
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "fixes_scalar_index", False):
+        return True
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patch_lang_tensor.fixes_scalar_index = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+    return True
+
+
+if INTERPRET:
+    fix_interpreter_scalar_index()
+
+
 def autotune(
     kernel,
     *,

@@ -224,6 +224,25 @@ def _launch(kernel, grid, config, *args, **kwargs):
 # --- launchers --------------------------------------------------------------------------
 
 
+def _on_tensor_device(launcher):
+    """Runs ``launcher`` with its first argument's GPU as the current CUDA device.
+
+    Triton launches on the current device, not on the tensors' device: tensors on cuda:1 with
+    cuda:0 current would run on the wrong GPU (an illegal memory access at best). Every entry
+    point of the backend (forward, backward, the Newton iteration and its adjoint) is wrapped;
+    the guard restores the previous device afterwards and costs no synchronisation.
+    """
+
+    @functools.wraps(launcher)
+    def guarded(t, *args, **kwargs):
+        if t.device.type != "cuda":
+            return launcher(t, *args, **kwargs)
+        with torch.cuda.device(t.device):
+            return launcher(t, *args, **kwargs)
+
+    return guarded
+
+
 def _rowstats_chunks(n: int, programs: int, device: torch.device, chunks: int | None) -> tuple[int, int, int]:
     """(column chunks, columns per chunk, tile width) of the row statistics: chunks enough that
     the grid holds two programs per SM, each streaming at least _MIN_ROWSTATS_COLUMNS columns;
@@ -359,6 +378,7 @@ def _mm(l1, r1, *, pair2=None, e=None, alpha=1.0, beta=0.0, lower=True, prec="ie
     return out
 
 
+@_on_tensor_device
 def _whiten_newton_fwd(S, trp, T: int, prec: str):
     """(τ (G, 1, 1), A, P (T, G, r, r), X (T−1, G, r, r)) from the covariance."""
     G, r, _ = S.shape
@@ -387,6 +407,7 @@ def _whiten_newton_fwd(S, trp, T: int, prec: str):
     return tau, A, P, X
 
 
+@_on_tensor_device
 def _whiten_newton_bwd(GM, dysum, tau, A, P, X, n: int, divisor: float, prec: str):
     """(M = (S̄ + S̄ᵀ)/divisor (G, r, r), row means of Ȳ (G, r)) from GM = 2·sym(W̄)."""
     T, G, r, _ = P.shape
@@ -483,6 +504,7 @@ def _merge_columns(*views: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(out)
 
 
+@_on_tensor_device
 def _whiten_fwd(
     z: torch.Tensor,
     T: int,
@@ -512,6 +534,13 @@ def _whiten_fwd(
 
 def _whiten_bwd(dy, z, mean, rscale, tau, A, P, X, divisor: float, precision: str | None = None, out=None):
     """Backward of :func:`_whiten_fwd`: dz with z's shape and dtype (``out`` when given)."""
+    if dy.device != z.device:
+        raise ValueError(f"whiten backward: dy must be on z's device {z.device}, got {dy.device}")
+    return _whiten_bwd_launch(dy, z, mean, rscale, tau, A, P, X, divisor, precision, out)
+
+
+@_on_tensor_device
+def _whiten_bwd_launch(dy, z, mean, rscale, tau, A, P, X, divisor, precision, out):
     dz = torch.empty_like(z) if out is None else out
     z4, dy4, dz4 = _merge_columns(_as4d(z), _as4d(dy), _as4d(dz))
     prec = _prec(precision)
