@@ -1,6 +1,7 @@
 """intl_kernels: fast IterNorm whitening (Newton's iteration) and the INTL loss.
 
-Public API (docs/design.md §6): ``whiten``, ``iter_norm``, ``IterNorm``, ``convert_batchnorm``,
+Public API (docs/design.md §6): ``whiten``, ``iter_norm``, ``IterNorm``, ``SyncIterNorm``,
+``convert_batchnorm``,
 ``ChannelWhitening``, ``norm_mse``, ``trace_loss``, ``trade_off``, ``intl_loss``,
 ``INTLLoss``, ``available_backends``. Backends: torch, cpu (C++ extension),
 triton (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
@@ -9,7 +10,7 @@ triton (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
 from intl_kernels import _backends
 from intl_kernels._backends import available_backends
 from intl_kernels.fold import fold_iternorm
-from intl_kernels.layers import ChannelWhitening, IterNorm, convert_batchnorm
+from intl_kernels.layers import ChannelWhitening, IterNorm, SyncIterNorm, convert_batchnorm
 from intl_kernels.losses import INTLLoss, intl_loss, norm_mse, trace_loss, trade_off
 from intl_kernels.whiten import WhitenFn, _whiten_bwd_torch, _whiten_fwd_torch, iter_norm, whiten
 
@@ -32,6 +33,7 @@ __all__ = [
     "ChannelWhitening",
     "INTLLoss",
     "IterNorm",
+    "SyncIterNorm",
     "WhitenFn",
     "available_backends",
     "convert_batchnorm",

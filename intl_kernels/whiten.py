@@ -56,10 +56,14 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _pow2_rscale(z: torch.Tensor, eps: float, cdt: torch.dtype) -> torch.Tensor:
     """Per-group 2^-e with 2^e >= max(|z|, √eps), e clamped so 2^±e stay normal: (G, 1, 1)."""
-    finfo = torch.finfo(cdt)
+    return pow2_rscale_of_max(z.abs().amax(dim=(1, 2), keepdim=True).to(cdt), eps)
+
+
+def pow2_rscale_of_max(amax: torch.Tensor, eps: float) -> torch.Tensor:
+    """2^-e with 2^e >= max(amax, √eps), e clamped so that 2^±e are normal numbers of amax's dtype."""
+    finfo = torch.finfo(amax.dtype)
     emax = math.frexp(finfo.max)[1] - 2
     emin = math.frexp(finfo.tiny)[1]
-    amax = z.abs().amax(dim=(1, 2), keepdim=True).to(cdt)
     if eps > 0.0:
         amax = amax.clamp_min(math.sqrt(eps))
     e = torch.frexp(amax).exponent.clamp(emin, emax)
@@ -114,13 +118,22 @@ def _whiten_fwd_torch(z: torch.Tensor, T: int, eps: float, divisor: float, preci
     zs = _shifted(z, rscale)
     mean = zs.mean(dim=-1, keepdim=True)
     zc = zs - mean
-    eye = torch.eye(r, dtype=cdt, device=z.device)
     S = torch.bmm(zc, zc.mT).div_(divisor)
     if eps > 0.0:  # eps·2^-2e <= 1 because 2^e >= √eps
-        S = S + (math.sqrt(eps) * rscale).square() * eye
+        S = S + (math.sqrt(eps) * rscale).square() * torch.eye(r, dtype=cdt, device=z.device)
+    tau, A, P, X = _newton_torch(S, T)
+    W = P[-1] * _safe_tau(tau)[1]
+    y = _cast(torch.bmm(W, zc), z.dtype)
+    return y, mean, rscale, tau, A, P, X
+
+
+def _newton_torch(S: torch.Tensor, T: int):
+    """(τ (G, 1, 1), A = S/τ, P (T, G, r, r) holding P_1..P_T, X (T−1, G, r, r) holding P_k²)
+    of T Newton steps from the covariances S (G, r, r) (docs/design.md §2)."""
+    G, r, _ = S.shape
+    eye = torch.eye(r, dtype=S.dtype, device=S.device)
     tau = S.diagonal(dim1=-2, dim2=-1).sum(-1).view(G, 1, 1)
-    tau_safe, rsqrt_tau = _safe_tau(tau)
-    A = S / tau_safe
+    A = S / _safe_tau(tau)[0]
     Ps = [1.5 * eye - 0.5 * A]
     Xs = []
     if T >= 2:  # P_1 is a polynomial in A: X_1 and P_2 cost 2 GEMMs instead of 3
@@ -132,23 +145,28 @@ def _whiten_fwd_torch(z: torch.Tensor, T: int, eps: float, divisor: float, preci
         Xs.append(torch.bmm(P, P))
         Q = torch.bmm(Xs[-1], A)
         Ps.append(torch.baddbmm(P, P, Q, beta=1.5, alpha=-0.5))
-    W = Ps[-1] * rsqrt_tau
-    y = _cast(torch.bmm(W, zc), z.dtype)
     X = torch.stack(Xs) if Xs else A.new_empty((0, G, r, r))
-    return y, mean, rscale, tau, A, torch.stack(Ps), X
+    return tau, A, torch.stack(Ps), X
 
 
 def _whiten_bwd_torch(dy, z, mean, rscale, tau, A, P, X, divisor: float, precision: str = "ieee"):
     """Plain-torch backward of :func:`_whiten_fwd_torch` (docs/design.md §3). Returns dz."""
-    cdt = A.dtype
+    zc = _shifted(z, rscale) - mean
+    dyf = dy.to(A.dtype)
+    W = P[-1] * _safe_tau(tau)[1]
+    dS = _newton_bwd_torch(torch.bmm(dyf, zc.mT), tau, A, P, X)
+    dzc = torch.baddbmm(torch.bmm(W.mT, dyf), dS + dS.mT, zc, alpha=1.0 / divisor)
+    dzs = dzc - dzc.mean(dim=-1, keepdim=True)
+    return _cast(dzs * rscale, z.dtype)
+
+
+def _newton_bwd_torch(dW: torch.Tensor, tau, A, P, X) -> torch.Tensor:
+    """S̄ (G, r, r) from W̄ = Ȳ Zcᵀ (G, r, r) through W = P_T/√τ, the Newton steps and A = S/τ
+    (docs/design.md §3, symmetrised adjoints)."""
     T = P.shape[0]
     r = A.shape[-1]
-    zc = _shifted(z, rscale) - mean
-    dyf = dy.to(cdt)
     tau_safe, rsqrt_tau = _safe_tau(tau)
     W = P[T - 1] * rsqrt_tau
-    dW = torch.bmm(dyf, zc.mT)
-    dzc = torch.bmm(W.mT, dyf)
     dP = dW * rsqrt_tau
     dtau = (dW * W).sum(dim=(1, 2), keepdim=True) * (-0.5 / tau_safe)
     dA = torch.zeros_like(A)
@@ -162,10 +180,7 @@ def _whiten_bwd_torch(dy, z, mean, rscale, tau, A, P, X, divisor: float, precisi
         dP = 1.5 * D - 0.5 * torch.bmm(H, A)
     dA = dA - 0.5 * _sym(dP)
     dtau = dtau - (dA * A).sum(dim=(1, 2), keepdim=True) / tau_safe
-    dS = dA / tau_safe + dtau * torch.eye(r, dtype=cdt, device=A.device)
-    dzc = torch.baddbmm(dzc, dS + dS.mT, zc, alpha=1.0 / divisor)
-    dzs = dzc - dzc.mean(dim=-1, keepdim=True)
-    return _cast(dzs * rscale, z.dtype)
+    return dA / tau_safe + dtau * torch.eye(r, dtype=A.dtype, device=A.device)
 
 
 def fake_whiten_fwd(z, T, eps, divisor, precision="ieee"):

@@ -22,9 +22,14 @@ class IterNormRef(nn.Module):
 
     For group g, Z_g is c × m with m = N·H·W, column index n·HW + spatial position.
 
+    Group sizing is the authors' rule, literally: c = num_channels if given (num_groups is then
+    ignored), else ceil(C / num_groups); c is halved until it divides C. Their defaults:
+    num_groups=1, num_channels=None, one group of all channels. (``intl_kernels.IterNorm`` takes
+    the same rule but raises where it would change what the arguments ask for.)
+
     Args:
         num_features: C, the number of channels.
-        num_groups: if given, c = ceil(C / num_groups) before the halving below.
+        num_groups: G; c = ceil(C / G) when num_channels is None.
         num_channels: c, channels per group; halved until it divides C.
         T: number of Newton steps (IterNorm: 5).
         dim: input rank: 2 for (N, C), 3 for (N, C, L), 4 for (N, C, H, W).
@@ -41,8 +46,8 @@ class IterNormRef(nn.Module):
     def __init__(
         self,
         num_features: int,
-        num_groups: int | None = None,
-        num_channels: int = 64,
+        num_groups: int = 1,
+        num_channels: int | None = None,
         T: int = 5,
         dim: int = 4,
         eps: float = 1e-5,
@@ -58,7 +63,7 @@ class IterNormRef(nn.Module):
         self.affine = affine
         self.dim = dim
         self.upcast = upcast
-        if num_groups is not None:
+        if num_channels is None:
             num_channels = (num_features - 1) // num_groups + 1
         num_groups = num_features // num_channels
         while num_features % num_channels != 0:

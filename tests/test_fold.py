@@ -141,12 +141,12 @@ def test_fold_resnet50_after_training_passes():
 # ---------------------------------------------------------------------------- small models
 
 
-GROUP_CASES = [  # (num_features, num_channels, num_groups) → c: even, odd (3, 5), halved, from num_groups
+GROUP_CASES = [  # (num_features, num_channels, num_groups) → c: even, odd (3, 5), default, from num_groups
     (12, 4, None),
     (15, 5, None),
     (9, 3, None),
-    (10, 4, None),  # 10 % 4 != 0 → c = 2
-    (10, 64, 3),  # c = ceil(10/3) = 4 → 2
+    (10, None, None),  # the default: 64 halved until it divides 10 → c = 2
+    (12, None, 3),  # c = 12 / 3 = 4
 ]
 
 

@@ -10,22 +10,24 @@ from torch import nn
 import intl_kernels as ik
 from python_ref import IterNormRef, iter_norm_ref
 
-# (input shape, num_features, num_channels, dim): dims 2/3/4, groups that need the halving
-# (C = 24 with 16 → 8; C = 12 with 5 → 2), one group, many groups.
+# (input shape, num_channels, dim): dims 2/3/4/5, odd groups (C = 12 in groups of 3), the default
+# sizing (None: groups of 64 halved until they divide C; the reference's num_groups=1 gives the same
+# one group at C = 8), one group, many groups.
 CASES = {
     "dim4-C128-c64": ((6, 128, 5, 4), 64, 4),
     "dim4-C64-c32-HW256": ((3, 64, 16, 16), 32, 4),  # H·W >= 256: per-group batched GEMM in place
-    "dim4-C24-c16-halved": ((4, 24, 3, 3), 16, 4),
-    "dim3-C12-c5-halved": ((5, 12, 7), 5, 3),
+    "dim4-C24-c8": ((4, 24, 3, 3), 8, 4),
+    "dim3-C12-c3-odd": ((5, 12, 7), 3, 3),
     "dim2-C32-c32": ((40, 32), 32, 2),
-    "dim2-C8-c64-one-group": ((9, 8), 64, 2),
+    "dim2-C8-default-one-group": ((9, 8), None, 2),
+    "dim5-C8-c4": ((3, 8, 2, 3, 4), 4, 5),
 }
 
 
 def _layers(C, c, dim, backend, dtype, affine=True):
     """Ours on the backend's device in ``dtype``, and the reference in float64 and in float32,
     all three with the same non-trivial affine parameters."""
-    torch.manual_seed(C + c + dim)
+    torch.manual_seed(C + (c or 0) + dim)
     ours = ik.IterNorm(C, num_channels=c, dim=dim, affine=affine, backend=backend)
     if affine:
         with torch.no_grad():
@@ -121,15 +123,82 @@ def test_state_dict_round_trip_with_reference_layer():
     ref2.load_state_dict(ours.state_dict(), strict=True)
 
 
-def test_group_sizing_follows_the_authors():
-    assert (ik.IterNorm(64).num_groups, ik.IterNorm(64).num_channels) == (1, 64)
-    assert ik.IterNorm(2048).num_groups == 32
-    layer = ik.IterNorm(48, num_channels=64)  # 64 > 48: 48 → ... halving from min(64, 48)
-    assert 48 % layer.num_channels == 0 and layer.num_groups * layer.num_channels == 48
-    assert ik.IterNorm(24, num_channels=16).num_channels == 8
-    assert ik.IterNorm(30, num_groups=4).num_channels == 2  # ceil(30/4) = 8 → 4 → 2
-    r = ik.IterNorm(30, num_groups=4)
-    assert r.num_channels == IterNormRef(30, num_groups=4).num_channels
+def _sizes(layer):
+    return layer.num_groups, layer.num_channels
+
+
+def test_group_sizing_takes_the_arguments_exactly_or_names_them():
+    # neither argument: groups of 64, halved until they divide C (the authors' rule at 64)
+    assert _sizes(ik.IterNorm(64)) == (1, 64) and _sizes(ik.IterNorm(2048)) == (32, 64)
+    assert _sizes(ik.IterNorm(48)) == (3, 16) == _sizes(IterNormRef(48, num_channels=64))
+    # the authors' default, one group of all channels, is num_groups=1
+    assert _sizes(ik.IterNorm(96, num_groups=1)) == (1, 96) == _sizes(IterNormRef(96))
+    # what the arguments ask for exactly
+    assert _sizes(ik.IterNorm(24, num_channels=8)) == (3, 8)
+    assert _sizes(ik.IterNorm(30, num_groups=5)) == (5, 6)
+    assert _sizes(ik.IterNorm(64, num_groups=2, num_channels=32)) == (2, 32)
+    # what they cannot have is an error naming them, never a silent resize
+    with pytest.raises(ValueError, match=r"num_groups=3 does not divide num_features=64 .*\(1, 2, 4, 8"):
+        ik.IterNorm(64, num_groups=3)  # the authors' rule: 32 groups of 2
+    with pytest.raises(ValueError, match="num_channels=48 does not divide num_features=64"):
+        ik.IterNorm(64, num_channels=48)  # the authors' rule: 64 groups of 1, no whitening
+    with pytest.raises(
+        ValueError, match="num_groups=4 and num_channels=32 give 128 channels, but num_features is 64"
+    ):
+        ik.IterNorm(64, num_groups=4, num_channels=32)
+    with pytest.raises(ValueError, match="halve to 1 channel for num_features=3"):
+        ik.IterNorm(3)
+
+
+def test_group_sizing_is_the_reference_rule_wherever_it_is_taken():
+    """Over a grid of arguments: the layer's sizes are the authors' rule (python_ref, literally)
+    wherever the layer takes the arguments, and where it raises the rule would have changed them."""
+    taken = refused = 0
+    for C in range(1, 131):
+        for g in (None, 1, 2, 3, 4, 5, 8):
+            for c in (None, 1, 2, 3, 4, 8, 16, 32, 48, 64):
+                if (g is not None and g > C) or (g is not None and c is not None and g * c != C and c > C):
+                    continue
+                ref = IterNormRef(C, num_groups=g or 1, num_channels=64 if g is c is None else c)
+                try:
+                    ours = _sizes(ik.IterNorm(C, num_groups=g, num_channels=c))
+                except ValueError:
+                    refused += 1
+                    asked_g = g is not None and _sizes(ref)[0] != g
+                    asked_c = c is not None and _sizes(ref)[1] != c
+                    both = g is not None and c is not None and g * c != C
+                    one_channel = g is c is None and _sizes(ref)[1] == 1 and C > 1
+                    assert asked_g or asked_c or both or one_channel, (C, g, c, _sizes(ref))
+                    continue
+                taken += 1
+                assert ours == _sizes(ref), (C, g, c)
+    assert taken > 500 and refused > 500  # both branches exercised over the grid
+
+
+@pytest.mark.parametrize(
+    "setting, theirs, ours",
+    [
+        # the IterNorm authors' ImageNet setting: num_channels=64 (their ResNet stem, 64 channels)
+        ("imagenet", lambda: IterNormRef(64, num_channels=64), lambda: ik.IterNorm(64, num_channels=64)),
+        # their default: one group of all channels
+        ("default", lambda: IterNormRef(256), lambda: ik.IterNorm(256, num_groups=1)),
+    ],
+)
+def test_strict_load_of_the_authors_state_dicts(setting, theirs, ours):
+    ref = theirs().train()
+    ref(torch.randn(6, ref.num_features, 3, 3))  # non-trivial running statistics
+    state = ref.state_dict()
+    g, c = ref.num_groups, ref.num_channels
+    layer = ours()
+    result = layer.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert _sizes(layer) == (g, c)
+    ref.eval(), layer.eval()
+    x = torch.randn(2, ref.num_features, 3, 3)
+    torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-5)
+    if setting == "default":  # this layer's own default groups differently: the shapes say so
+        with pytest.raises(RuntimeError, match="size mismatch for running_wm"):
+            ik.IterNorm(256).load_state_dict(state, strict=True)
 
 
 def test_eval_mode_uses_running_statistics_only():
@@ -176,7 +245,7 @@ BAD = [
         ValueError,
         r"input must be 4-D \(N, C, H, W\) \(dim=4\)",
     ),
-    ("dim-arg", lambda: ik.IterNorm(16, dim=5), ValueError, "dim must be 2, 3 or 4"),
+    ("dim-arg", lambda: ik.IterNorm(16, dim=6), ValueError, "dim must be 2, 3, 4 or 5"),
     ("groups", lambda: ik.IterNorm(4, num_groups=8), ValueError, "num_groups must be <= num_features"),
     ("num_features", lambda: ik.IterNorm(0), ValueError, "num_features must be >= 1"),
     ("momentum", lambda: ik.IterNorm(4, momentum=1.5), ValueError, r"momentum must be in \[0, 1\]"),
@@ -245,6 +314,48 @@ def test_convert_batchnorm1d_takes_2d_and_3d():
     assert mlp(torch.randn(10, 6)).shape == (10, 16)
     assert layer(torch.randn(4, 16, 5)).shape == (4, 16, 5)
     assert isinstance(ik.convert_batchnorm(nn.BatchNorm2d(4)), ik.IterNorm)
+
+
+def test_convert_batchnorm_3d_sync_and_lazy(capsys, caplog):
+    model = nn.Sequential(
+        nn.Conv3d(2, 16, 1), nn.BatchNorm3d(16), nn.Identity(),
+        nn.SyncBatchNorm(16), nn.LazyBatchNorm1d(),
+    )  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"convert_batchnorm: 4 is a lazy LazyBatchNorm1d .* one forward pass"
+    ):
+        ik.convert_batchnorm(model)
+    model[4] = nn.Identity()
+    with caplog.at_level("INFO", logger="intl_kernels"):
+        ik.convert_batchnorm(model, verbose=True)
+    assert type(model[1]) is ik.IterNorm and model[1].dim == 5
+    assert type(model[3]) is ik.SyncIterNorm  # one process: an IterNorm
+    printed = capsys.readouterr().out
+    assert "1: BatchNorm3d(16) -> IterNorm 1 groups of 16" in printed, printed
+    assert "3: SyncBatchNorm(16) -> SyncIterNorm 1 groups of 16" in printed
+    assert "2 BatchNorm layers converted" in printed and "2 BatchNorm layers converted" in caplog.text
+    x = torch.randn(3, 2, 4, 5, 6, requires_grad=True)
+    y = model(x)
+    assert y.shape == (3, 16, 4, 5, 6)
+    y.square().sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().max() > 0
+    h = torch.randn(3, 16, 4, 5, 6)
+    for fmt in (torch.contiguous_format, torch.channels_last_3d):  # the input's layout is kept
+        hi = h.to(memory_format=fmt).requires_grad_()
+        out = model[1](hi)
+        assert out.is_contiguous(memory_format=fmt)
+        torch.testing.assert_close(out, model[1](h))
+        (g,) = torch.autograd.grad(out, hi, torch.ones_like(out))
+        assert g.is_contiguous(memory_format=fmt)
+
+
+def test_convert_batchnorm_names_a_layer_it_cannot_size():
+    model = nn.Sequential(nn.Conv2d(3, 48, 1), nn.BatchNorm2d(48))
+    with pytest.raises(
+        ValueError, match=r"convert_batchnorm: 1 \(BatchNorm2d\(48\)\): IterNorm: num_channels=32"
+    ):
+        ik.convert_batchnorm(model, num_channels=32)
+    assert _sizes(ik.convert_batchnorm(model)[1]) == (3, 16)  # the default: 64 halved to 16
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

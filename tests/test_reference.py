@@ -288,12 +288,18 @@ def test_iter_norm_layer_affine():
 @pytest.mark.parametrize(
     "num_features,num_groups,num_channels,expected",
     [
-        pytest.param(96, None, 64, (3, 32), id="C96-c64-to-3x32"),
-        pytest.param(96, 4, 64, (4, 24), id="C96-g4-to-4x24"),
-        pytest.param(64, None, 64, (1, 64), id="C64-c64-to-1x64"),
-        pytest.param(32, None, 64, (1, 32), id="C32-c64-to-1x32"),
-        pytest.param(10, None, 64, (5, 2), id="C10-c64-to-5x2"),
-        pytest.param(96, 5, 64, (48, 2), id="C96-g5-c20-halved-to-48x2"),
+        # the authors' rule: c = num_channels if given (num_groups ignored), else ceil(C / num_groups);
+        # c halved until it divides C; their default is num_groups=1, one group of all channels
+        pytest.param(96, 1, None, (1, 96), id="C96-default-one-group"),
+        pytest.param(96, 1, 64, (3, 32), id="C96-c64-to-3x32"),
+        pytest.param(96, 4, None, (4, 24), id="C96-g4-to-4x24"),
+        pytest.param(96, 4, 32, (3, 32), id="C96-g4-c32-num-channels-wins"),
+        pytest.param(64, 1, 64, (1, 64), id="C64-c64-to-1x64"),
+        pytest.param(32, 1, 64, (1, 32), id="C32-c64-to-1x32"),
+        pytest.param(48, 1, 64, (3, 16), id="C48-c64-to-3x16"),
+        pytest.param(10, 1, 64, (5, 2), id="C10-c64-to-5x2"),
+        pytest.param(96, 5, None, (48, 2), id="C96-g5-c20-halved-to-48x2"),
+        pytest.param(64, 1, 48, (64, 1), id="C64-c48-halved-to-64x1"),
     ],
 )
 def test_iter_norm_layer_group_sizing(num_features, num_groups, num_channels, expected):
