@@ -160,7 +160,10 @@ def _build_ext_class(base):
 if __name__ == "__main__":  # also how setuptools' PEP 517 backend runs this file
     ext_modules, cmdclass = _ext_modules()
     setup(
-        packages=find_packages(include=["intl_kernels", "intl_kernels.*", "python_ref", "python_ref.*"]),
+        # train/ ships as intl_kernels.train (no top-level "train" package in site-packages).
+        packages=find_packages(include=["intl_kernels", "intl_kernels.*", "python_ref", "python_ref.*"])
+        + ["intl_kernels.train"],
+        package_dir={"intl_kernels.train": "train"},
         ext_modules=ext_modules,
         cmdclass=cmdclass,
     )

@@ -10,6 +10,7 @@ import torch
 
 pytest.importorskip("torchvision", reason="the training code needs torchvision")
 from train import knn_eval, pretrain  # noqa: E402
+from train.cli import UsageError  # noqa: E402
 
 
 def _angles(*degrees: float) -> torch.Tensor:
@@ -70,7 +71,9 @@ def test_digits_pretraining_beats_random_init(tmp_path, capsys):
         lines = capsys.readouterr().out.strip().splitlines()
         assert json.loads(lines[-1]) == trained  # the last line printed is the JSON result
         # The same network (seed 0 initialises the backbone identically) before training.
-        random = knn_eval.main(["--data", "digits", "--random-init", "--seed", "0"])
+        random = knn_eval.main(
+            ["--data", "digits", "--random-init", "--seed", "0", "--exp-dir", str(tmp_path / "random")]
+        )
     finally:
         torch.set_num_threads(threads)
     assert trained["k"] == 20 and trained["temperature"] == 0.07 and trained["metric"] == "cosine"
@@ -96,8 +99,14 @@ def test_online_knn_monitor_logs_each_epoch_and_needs_val(tmp_path):
     # 16 images, batch 8: 2 steps per epoch; one k-NN figure after each epoch, in % of 16 queries.
     assert [(r["step"], r["epoch"]) for r in knn] == [(2, 1), (4, 2)]
     assert all(r["knn_top1"] in {100 * i / 16 for i in range(17)} for r in knn)
+    # The full results in knn.jsonl: k = 20 clipped to the 16 bank images, and reported as 16.
+    full = [json.loads(line) for line in (tmp_path / "a" / "knn.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["epoch"], r["knn_top1"]) for r in full] == [
+        (r["step"], r["epoch"], r["knn_top1"]) for r in knn
+    ]
+    assert all(r["k"] == 16 and r["n_bank"] == 16 and "euclidean_5nn_top1" in r for r in full)
     no_val = make_image_folder(tmp_path / "no_val", per_class=8, splits=("train",))
-    with pytest.raises(FileNotFoundError, match=f"{no_val} has no val/ folder"):
+    with pytest.raises(UsageError, match=f"{no_val} has no val/ folder"):
         pretrain.main(
             [
                 "--data",

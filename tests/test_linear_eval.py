@@ -16,6 +16,7 @@ pytest.importorskip("torchvision", reason="the training code needs torchvision")
 from test_train import make_image_folder, run_module  # noqa: E402
 
 from train import linear_eval, pretrain  # noqa: E402
+from train.cli import UsageError  # noqa: E402
 from train.data import DigitsSource  # noqa: E402
 from train.models import load_backbone  # noqa: E402
 
@@ -151,7 +152,7 @@ def test_missing_val_folder_and_class_mismatches_are_explained(digits_run, tmp_p
     pretrained = ["--pretrained", str(digits_run / "resnet_tiny.pth")]
     common = [*pretrained, "--batch-size", "8", "--crop-size", "16", "--threads", "1", "--workers", "0"]
     no_val = make_image_folder(tmp_path / "no_val", per_class=4, splits=("train",))
-    with pytest.raises(FileNotFoundError, match=f"{no_val} has no val/ folder; expected {no_val / 'val'}"):
+    with pytest.raises(UsageError, match=f"{no_val} has no val/ folder; expected {no_val / 'val'}"):
         linear_eval.main(["--data", str(no_val), *common, "--exp-dir", str(tmp_path / "a")])
 
     mixed = make_image_folder(tmp_path / "mixed", per_class=4, splits=("train",))

@@ -21,6 +21,7 @@ Image = pytest.importorskip("PIL.Image", reason="the training tests need Pillow"
 
 from train import checkpoint as ckpt  # noqa: E402
 from train import monitor, pretrain  # noqa: E402
+from train.cli import UsageError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny run: 16 images per class, 32 px, the small ResNet, a 32-32 projector, one thread.
@@ -78,7 +79,7 @@ def folder(tmp_path_factory):
 def test_torchrun_two_process_gloo_ema_multicrop(tmp_path, folder):
     exp = tmp_path / "exp"
     args = ["--data", str(folder), "--exp-dir", str(exp), "--batch-size", "16", "--max-steps", "3"]
-    args += [*TINY, "--ema", "--multi-crop", "--epochs", "2"]
+    args += [*TINY, "--ema", "--multi-crop", "--epochs", "2", "--save-every-minutes", "1e-9"]
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     proc = run_module("train.pretrain", args, tmp_path, launcher)
     out, err = proc.communicate(timeout=240)
@@ -97,6 +98,13 @@ def test_torchrun_two_process_gloo_ema_multicrop(tmp_path, folder):
     rows = losses(exp)
     assert sorted(rows) == [1, 2, 3] and all(math.isfinite(v) for v in rows.values())
     assert (exp / "resnet_tiny.pth").exists() and (exp / "spectrum.png").exists()
+    # The spectrum monitor sees the global batch (16 rows gathered from both ranks, embedding
+    # dim 32: at most 15), at step 2 (--spectrum-every 2) and at the last step.
+    spectra = [json.loads(line) for line in (exp / "spectrum.jsonl").read_text().splitlines()]
+    assert [(s["step"], s["rank_bound"]) for s in spectra] == [(2, 15), (3, 15)]
+    # --save-every-minutes (rank 0's clock, broadcast): every step is past a 1e-9-minute deadline,
+    # so step 3 was saved by the timer and again at the end; both ranks took part in each save.
+    assert torch.load(exp / "checkpoint.prev.pth", weights_only=True)["step"] == 3
 
 
 # --- resume ----------------------------------------------------------------------------
@@ -163,8 +171,10 @@ def test_losses_do_not_depend_on_the_number_of_workers(tmp_path, folder, one_thr
 def test_both_checkpoints_corrupt_is_an_error(tmp_path):
     for name in ("checkpoint.pth", "checkpoint.prev.pth"):
         (tmp_path / name).write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="no usable checkpoint: checkpoint .*checkpoint.pth is truncated"):
-        ckpt.load_latest(tmp_path / "checkpoint.pth")
+    with pytest.raises(UsageError, match="no usable checkpoint: checkpoint .*checkpoint.pth is truncated"):
+        ckpt.load_latest(tmp_path / "checkpoint.pth", set_aside=True)
+    # Nothing is renamed when no checkpoint is usable: the next start says the same.
+    assert {p.name for p in tmp_path.iterdir()} == {"checkpoint.pth", "checkpoint.prev.pth"}
 
 
 def test_atomic_save_keeps_previous_and_leaves_no_temp_file(tmp_path):
@@ -236,7 +246,7 @@ def test_bad_data_paths_name_the_path(tmp_path, layout, message):
         root.mkdir()
     if layout == "empty_train":
         (root / "train" / "class0").mkdir(parents=True)
-    with pytest.raises((FileNotFoundError, ValueError), match=message) as info:
+    with pytest.raises(UsageError, match=message) as info:
         pretrain.main(["--data", str(root), "--exp-dir", str(tmp_path / "exp"), *TINY])
     assert str(root) in str(info.value)
 
@@ -255,7 +265,7 @@ def test_corrupt_image_is_named_or_skipped_and_counted(tmp_path, one_thread):
 
 def test_tensorboard_missing_says_how_to_install(tmp_path, folder, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
-    with pytest.raises(RuntimeError, match="pip install tensorboard"):
+    with pytest.raises(UsageError, match="pip install tensorboard"):
         pretrain.main(["--data", str(folder), "--exp-dir", str(tmp_path), "--tensorboard", *TINY])
 
 
@@ -266,7 +276,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path
     # lr 1e30 blows the weights up in step 3 (its loss, from step 2's weights, is finite); the
     # activations of step 4 overflow and its loss is NaN (measured) or infinite.
     with pytest.raises(
-        pretrain.NonFiniteLossError, match=r"non-finite loss \((nan|-?inf)\) at step 4 \(epoch 0\)"
+        pretrain.NonFiniteLossError, match=r"non-finite loss \((nan|-?inf)\) at step 4 \(epoch 1\)"
     ):
         pretrain.main([*args, "--max-steps", "10", "--base-lr", "1e30"])
     assert (tmp_path / "checkpoint.pth").read_bytes() == before
@@ -277,7 +287,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path
     [
         (["--proj", "64-x"], "--proj must be positive integers"),
         (["--batch-size", "4"], "--batch-size must be >= 8"),
-        (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--epochs", "0"], "--epochs must be an integer >= 1"),
         (["--amp", "fp16"], "--amp fp16 needs a CUDA device"),
     ],
 )
@@ -341,3 +351,6 @@ def test_help_documents_every_flag():
         assert flag in text
     for flag in ("--seed", "--ckpt-every", "--tensorboard", "--skip-corrupt", "--knn-every"):
         assert flag in text
+    for flag in ("--resume", "--break-lock", "--save-every-minutes", "--keep-every", "--compile"):
+        assert flag in text
+    assert "--progress-interval" in text

@@ -1,7 +1,12 @@
-"""INTL pretraining and evaluation: ``python -m train.pretrain``, ``train.knn_eval``, ``train.linear_eval``.
+"""INTL pretraining and evaluation, installed as ``intl_kernels.train``.
 
-Modules: ``data`` (ImageFolder and digits datasets, augmentations, the resumable sampler),
-``models`` (backbones, projector, backbone export/import), ``checkpoint`` (atomic save,
-resume with fallback), ``monitor`` (stats.jsonl, TensorBoard, spectrum monitor),
-``runtime`` (torchrun/DDP set-up, devices, seeds). See train/README.md.
+Commands: ``intl-pretrain``, ``intl-knn-eval``, ``intl-linear-eval``, ``intl-train-demo``
+(also ``python -m intl_kernels.train.<module>``, or ``python -m train.<module>`` in a checkout).
+
+Modules: ``data`` (ImageFolder and digits datasets, augmentations, the resumable sampler, the
+dataset fingerprint), ``models`` (backbones, projector, backbone export/import), ``checkpoint``
+(atomic save, resume with fallback, corrupt files set aside, kept snapshots), ``lock`` (one run
+per exp-dir), ``monitor`` (stats.jsonl, TensorBoard, progress, spectrum monitor), ``runtime``
+(torchrun/DDP set-up, devices, seeds, versions), ``cli`` (user errors, flag checks, exit
+statuses). See train/README.md.
 """

@@ -1,21 +1,27 @@
 """Atomic checkpoints with a fallback, and the random-generator states a resume restores.
 
-``save`` writes ``<name>.tmp`` next to the target, fsyncs it, moves the current
+``atomic_save`` writes ``<name>.tmp`` next to the target, fsyncs it, moves the current
 checkpoint to ``<stem>.prev.pth`` and renames the temporary file into place (then fsyncs
 the folder), so a crash at any point leaves a complete checkpoint or a complete previous
 one. ``load_latest`` reads the checkpoint, and when it is truncated or corrupt says so and
-falls back to the previous one.
+falls back to the previous one; the unreadable file is then renamed
+``<stem>.corrupt-<UTC time><suffix>`` (``checkpoint.corrupt-20250131T235959Z.pth``), so the
+next save cannot rotate it over the good previous checkpoint. ``keep_snapshot`` adds a
+hard link (or a copy) that rotation never touches.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .cli import UsageError, utc_stamp
 
 FORMAT = "intl_kernels.train/1"
 
@@ -50,6 +56,34 @@ def atomic_save(obj: object, path: str | os.PathLike, keep_prev: bool = False) -
     _fsync_dir(path.parent)
 
 
+def keep_snapshot(path: str | os.PathLike, keep: str | os.PathLike) -> None:
+    """Make ``keep`` a lasting copy of checkpoint ``path``: a hard link (no extra space; the
+    rotation of ``path`` renames and replaces it, the link keeps its content) or, where the
+    file system has no hard links, a copy written atomically."""
+    path, keep = Path(path), Path(keep)
+    tmp = keep.with_name(keep.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)
+    except OSError:
+        shutil.copyfile(path, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, keep)
+    _fsync_dir(keep.parent)
+
+
+def corrupt_path(path: Path) -> Path:
+    """A free name for setting an unreadable ``path`` aside: ``<stem>.corrupt-<UTC><suffix>``."""
+    base = f"{path.stem}.corrupt-{utc_stamp()}"
+    out = path.with_name(base + path.suffix)
+    n = 1
+    while out.exists():
+        out = path.with_name(f"{base}-{n}{path.suffix}")
+        n += 1
+    return out
+
+
 def _read(path: Path, required: tuple[str, ...]) -> dict:
     obj = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
@@ -60,15 +94,20 @@ def _read(path: Path, required: tuple[str, ...]) -> dict:
     return obj
 
 
-def load_latest(path: str | os.PathLike, required: tuple[str, ...] = ()) -> dict | None:
-    """The newest readable checkpoint: ``path``, else ``<stem>.prev.pth``; None when neither exists.
+def load_latest(
+    path: str | os.PathLike, required: tuple[str, ...] = (), set_aside: bool = False
+) -> tuple[dict, Path] | None:
+    """The newest readable checkpoint and its path: ``path``, else ``<stem>.prev.pth``; None
+    when neither exists.
 
     A truncated or corrupt file is reported on stderr (naming the file and the error) and
-    the previous checkpoint is used; when both exist and neither is readable, a
-    RuntimeError names both.
+    the previous checkpoint is used. With ``set_aside`` (only the process that owns the folder:
+    rank 0 holding the exp-dir lock), the unreadable file is then renamed
+    ``<stem>.corrupt-<UTC time><suffix>``. When files exist and none is readable, a UsageError
+    names them all, and nothing is renamed (the next start says the same).
     """
     path = Path(path)
-    errors = []
+    errors, bad = [], []
     for candidate in (path, prev_path(path)):
         if not candidate.exists():
             continue
@@ -77,13 +116,21 @@ def load_latest(path: str | os.PathLike, required: tuple[str, ...] = ()) -> dict
         except Exception as err:  # a truncated zip, a bad pickle, a foreign file: all mean "unusable"
             msg = f"checkpoint {candidate} is truncated or corrupt ({type(err).__name__}: {err})"
             errors.append(msg)
+            bad.append(candidate)
             print(f"warning: {msg}; trying the previous checkpoint", file=sys.stderr, flush=True)
             continue
         if candidate != path:
             print(f"resuming from the previous checkpoint {candidate}", file=sys.stderr, flush=True)
-        return obj
+        if set_aside:
+            for b in bad:
+                aside = corrupt_path(b)
+                os.replace(b, aside)
+                print(f"set the unreadable {b} aside as {aside}", file=sys.stderr, flush=True)
+            if bad:
+                _fsync_dir(path.parent)
+        return obj, candidate
     if errors:
-        raise RuntimeError("no usable checkpoint: " + "; ".join(errors) + "; delete them to start afresh")
+        raise UsageError("no usable checkpoint: " + "; ".join(errors) + "; move them away to start afresh")
     return None
 
 

@@ -1,6 +1,7 @@
 """``make demo`` (training part): INTL on scikit-learn's digits on the CPU in a few minutes.
 
-    python -m train.demo [--out demo_out/train] [--epochs 25] [--fresh]
+    intl-train-demo [--out demo_out/train] [--epochs 25] [--fresh]
+    python -m train.demo ...                 (in a checkout; make demo runs this)
 
 Pretrains the small ResNet (16-32-64-128, CIFAR stem) with a 512-512-512 projector on the
 1347 training digits (upsampled to 16×16 RGB), then measures the encoder on the 450
@@ -12,18 +13,16 @@ the spectrum plot ``<out>/pretrain/spectrum.png``. An existing run in ``--out`` 
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 import time
 from contextlib import redirect_stdout
 from io import StringIO
 from pathlib import Path
 
-from train import checkpoint as ckpt
-from train import knn_eval, linear_eval, pretrain, runtime
-from train.models import build_backbone
+from . import checkpoint as ckpt
+from . import cli, knn_eval, linear_eval, pretrain, runtime
+from .models import build_backbone
 
 
 def _quiet(fn, argv: list[str]) -> dict:
@@ -33,12 +32,15 @@ def _quiet(fn, argv: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m train.demo", description=__doc__.split("\n\n")[0])
+    prog = cli.prog_name(__spec__.name if __spec__ else "train.demo", "intl-train-demo")
+    p = cli.Parser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out/train", help="output folder")
     p.add_argument("--epochs", type=int, default=25, help="pretraining epochs (10 steps each)")
     p.add_argument("--probe-epochs", type=int, default=10, help="linear probe epochs")
     p.add_argument("--fresh", action="store_true", help="delete --out first")
     args = p.parse_args(argv)
+    for k in ("epochs", "probe_epochs"):
+        cli.check_int(args, k, 1)
     out = Path(args.out)
     if args.fresh and out.exists():
         shutil.rmtree(out)
@@ -88,5 +90,10 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def cli_main(argv: list[str] | None = None) -> None:
+    """The ``intl-train-demo`` command: ``main`` with one-line errors and exit statuses."""
+    cli.entry(main, "intl-train-demo", argv)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli_main()

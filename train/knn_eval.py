@@ -1,4 +1,7 @@
-"""k-NN evaluation of a frozen backbone: ``python -m train.knn_eval --data PATH|digits --pretrained FILE``.
+"""k-NN evaluation of a frozen backbone: ``intl-knn-eval --data PATH|digits --pretrained FILE``.
+
+Also ``python -m intl_kernels.train.knn_eval`` (installed) or ``python -m train.knn_eval`` (in
+a checkout).
 
 Features of the train split (the labelled bank) and the val split (the queries) are
 computed once, without augmentation, with the backbone in eval mode. Two classifiers:
@@ -8,24 +11,30 @@ computed once, without augmentation, with the backbone in eval mode. Two classif
 - plain Euclidean 5-NN (the INTL paper's CIFAR protocol): majority vote of the 5 nearest
   bank features, a tie going to the tied class whose member is nearest.
 
-The last line printed is one JSON object: ``knn_top1`` (weighted cosine, %), ``k``,
-``temperature``, ``metric``, ``euclidean_5nn_top1`` (%), and the sizes used.
+The last line printed is one JSON object: ``knn_top1`` (weighted cosine, %), ``k`` (the k
+used: ``--k`` clipped to the bank size), ``temperature``, ``metric``, ``euclidean_5nn_top1``
+(%), and the sizes used. The same object, with the time and the data folder, is appended
+as one line to ``<exp-dir>/knn_eval.jsonl`` (``--exp-dir``: by default the folder of
+``--pretrained``, i.e. the pretraining run's exp-dir).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-from train import data as tdata
-from train import runtime
-from train.models import ARCHS, build_backbone, load_backbone
+from . import cli, monitor, runtime
+from . import data as tdata
+from .cli import UsageError, check_float, check_int
+from .models import ARCHS, build_backbone, load_backbone
+
+KNN_EVAL_LOG = "knn_eval.jsonl"
 
 
 def _check_bank(bank: torch.Tensor, labels: torch.Tensor, queries: torch.Tensor, k: int) -> None:
@@ -127,14 +136,17 @@ def extract_features(
     was_training = backbone.training
     backbone.eval()
     loader = tdata.make_loader(dataset, batch_size, workers, pin_memory=device.type == "cuda")
+    bar = monitor.Progress(len(loader), 0, desc, progress, leave=False)
     feats, labels = [], []
     try:
-        for views, y, _ in tqdm(loader, desc=desc, disable=not progress, leave=False, mininterval=1.0):
+        for views, y, _ in loader:
             x = views[0].to(device, non_blocking=True)
             with torch.autocast(device.type, enabled=False):
                 feats.append(backbone(x).float())
             labels.append(y.to(device))
+            bar.update(1)
     finally:
+        bar.close()
         backbone.train(was_training)
     return torch.cat(feats), torch.cat(labels)
 
@@ -150,7 +162,13 @@ def knn_accuracies(
     temperature: float = 0.07,
     progress: bool = True,
 ) -> dict:
-    """Top-1 (%) of the weighted cosine k-NN and the Euclidean 5-NN of ``queries`` against ``bank``."""
+    """Top-1 (%) of the weighted cosine k-NN and the Euclidean 5-NN of ``queries`` against ``bank``.
+
+    ``k`` larger than the bank is clipped to it; the result's ``k`` is the k used.
+    """
+    if k < 1:
+        raise UsageError(f"--k must be an integer >= 1, got {k}")
+    k = min(k, len(bank))
     fb, yb = extract_features(backbone, bank, batch_size, workers, device, "bank features", progress)
     fq, yq = extract_features(backbone, queries, batch_size, workers, device, "query features", progress)
     c = len(bank.source.classes)
@@ -170,15 +188,15 @@ def knn_accuracies(
 def check_class_match(train_src: object, val_src: object) -> None:
     """Train and val splits must have the same classes (the same class folders)."""
     if list(train_src.classes) != list(val_src.classes):
-        raise ValueError(
+        raise UsageError(
             f"--data: train/ has {len(train_src.classes)} classes and val/ has {len(val_src.classes)}; "
             "expected the same class folders in both"
         )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m train.knn_eval",
+    p = cli.Parser(
+        prog=cli.prog_name(__spec__.name if __spec__ else "train.knn_eval", "intl-knn-eval"),
         description="k-NN accuracy of a frozen pretrained backbone (weighted cosine k-NN, Euclidean 5-NN).",
     )
     p.add_argument("--data", required=True, help="ImageFolder root with train/ and val/, or 'digits'")
@@ -197,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.07, help="vote temperature (default 0.07)")
     p.add_argument("--crop-size", type=int, default=None, help="eval crop (default 224; digits 16)")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    p.add_argument(
+        "--exp-dir",
+        default=None,
+        help=f"where {KNN_EVAL_LOG} gets the result (default: the folder of --pretrained; "
+        "runs/knn_eval with --random-init)",
+    )
     p.add_argument("--workers", type=int, default=None, help="data loading workers (default 8; digits 0)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
@@ -204,14 +228,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the defaults and check every flag (cheap checks only: no data scan, no feature)."""
+    digits = args.data == "digits"
+    args.crop_size = args.crop_size if args.crop_size is not None else (tdata.DIGITS_SIZE if digits else 224)
+    args.workers = args.workers if args.workers is not None else (0 if digits else 8)
+    for k in ("k", "batch_size", "crop_size"):
+        check_int(args, k, 1)
+    check_int(args, "workers", 0)
+    check_int(args, "threads", 0)
+    check_int(args, "seed", 0, 2**63 - 1)
+    check_float(args, "temperature", 0, low_open=True)
+    if not args.random_init:
+        for k in ("arch", "stem"):
+            if getattr(args, k) is not None:
+                raise UsageError(
+                    f"--{k} applies to --random-init only; with --pretrained it is read from the weights"
+                )
+        if not os.path.isfile(args.pretrained):
+            raise UsageError(f"--pretrained: {args.pretrained} does not exist (or is not a file)")
+    if args.exp_dir is None:
+        args.exp_dir = (
+            "runs/knn_eval" if args.random_init else os.path.dirname(os.path.abspath(args.pretrained))
+        )
+    cli.check_exp_dir(args.exp_dir)
+    if os.path.isdir(args.exp_dir) and not os.access(args.exp_dir, os.W_OK):
+        raise UsageError(f"--exp-dir {args.exp_dir}: not writable ({KNN_EVAL_LOG} goes there); pass another")
+    cli.check_device(args.device)
+    tdata.check_data(args.data, ("train", "val"))
+    return args
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the evaluation; prints progress and, last, one JSON line. Returns that dict."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = resolve_args(parser.parse_args(argv))
     digits = args.data == "digits"
-    crop = args.crop_size or (tdata.DIGITS_SIZE if digits else 224)
-    workers = args.workers if args.workers is not None else (0 if digits else 8)
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     rt = runtime.setup(args.device, args.threads)
     try:
         if args.random_init:
@@ -221,21 +273,26 @@ def main(argv: list[str] | None = None) -> dict:
             backbone, _ = build_backbone(arch, stem == "cifar")
             source = f"random init ({arch}, {stem} stem, seed {args.seed})"
         else:
-            backbone, info = load_backbone(args.pretrained)
+            try:
+                backbone, info = load_backbone(args.pretrained)
+            except (FileNotFoundError, ValueError) as err:
+                raise UsageError(str(err)) from None
             source = (
                 f"{args.pretrained} ({info['arch']}, {'cifar' if info['cifar_stem'] else 'imagenet'} stem)"
             )
         backbone.to(rt.device)
         tr, va = tdata.open_source(args.data, "train"), tdata.open_source(args.data, "val")
         check_class_match(tr, va)
-        t = tdata.eval_transform(crop, digits)
+        if args.k > len(tr):
+            cli.note(parser.prog, f"--k {args.k} is more than the {len(tr)} bank images: using k = {len(tr)}")
+        t = tdata.eval_transform(args.crop_size, digits)
         print(f"knn_eval: {source}; bank {len(tr)} images, queries {len(va)}", flush=True)
         res = knn_accuracies(
             backbone,
             tdata.ViewDataset(tr, [t]),
             tdata.ViewDataset(va, [t]),
             args.batch_size,
-            workers,
+            args.workers,
             rt.device,
             args.k,
             args.temperature,
@@ -247,11 +304,27 @@ def main(argv: list[str] | None = None) -> dict:
             f"Euclidean 5-NN: {res['euclidean_5nn_top1']:.2f}%",
             flush=True,
         )
-        print(json.dumps(res), flush=True)
+        if rt.is_main:
+            cli.make_exp_dir(args.exp_dir)
+            log = Path(args.exp_dir) / KNN_EVAL_LOG
+            row = {
+                "time": cli.utc_iso(),
+                "data": os.path.abspath(args.data) if not digits else "digits",
+                **res,
+            }
+            with open(log, "a") as f:
+                f.write(monitor.dumps(row) + "\n")
+            print(f"appended the result to {log}", file=sys.stderr, flush=True)
+            print(monitor.dumps(res), flush=True)
         return res
     finally:
         runtime.cleanup()
 
 
+def cli_main(argv: list[str] | None = None) -> None:
+    """The ``intl-knn-eval`` command: ``main`` with one-line errors and exit statuses."""
+    cli.entry(main, build_parser().prog, argv)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli_main()

@@ -11,12 +11,15 @@ torchvision model built the same way.
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 
 import torch
 import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
+
+from .cli import UsageError
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet_tiny")
 
@@ -121,6 +124,17 @@ def backbone_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.backbone.state_dict().items()}
 
 
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's names, dtypes, shapes and values: the same weights wherever they
+    are stored (a linear evaluation resumes on a moved ``--pretrained``, refuses other weights)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def infer_arch(state: dict[str, torch.Tensor]) -> tuple[str, bool]:
     """(arch, cifar_stem) of a backbone state dict, from its keys and shapes."""
     if "conv1.weight" not in state or "layer4.0.conv1.weight" not in state:
@@ -153,13 +167,13 @@ def load_backbone(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--pretrained: {path} does not exist")
+        raise UsageError(f"--pretrained: {path} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"--pretrained: {path} is not a readable torch checkpoint ({err})") from None
+        raise UsageError(f"--pretrained: {path} is not a readable torch checkpoint ({err})") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"--pretrained: {path} holds a {type(obj).__name__}, expected a state dict")
+        raise UsageError(f"--pretrained: {path} holds a {type(obj).__name__}, expected a state dict")
     if "model" in obj and isinstance(obj["model"], dict):
         state = {k[len("backbone.") :]: v for k, v in obj["model"].items() if k.startswith("backbone.")}
         source = "checkpoint"
@@ -170,7 +184,7 @@ def load_backbone(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     try:
         arch, cifar = infer_arch(state)
     except ValueError as err:
-        raise ValueError(
+        raise UsageError(
             f"--pretrained: {path} holds no ResNet backbone ({err}); expected a checkpoint.pth of "
             "train.pretrain (keys 'model' → 'backbone.*') or an exported backbone state dict "
             "(torchvision ResNet keys: conv1.weight, …)"

@@ -1,20 +1,31 @@
-"""Process set-up shared by the entry points: torchrun/DDP, device choice, seeds.
+"""Process set-up shared by the entry points: torchrun/DDP, device choice, seeds, versions.
 
 Launched by ``torchrun`` (RANK, WORLD_SIZE and LOCAL_RANK in the environment) the process
 joins a process group: NCCL on GPUs, gloo on CPUs. Without torchrun it is a single process
-and no process group is created.
+and no process group is created. ``from_main`` hands a decision of rank 0 to every rank.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
+import platform
 import random
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from .cli import PeerFailed, UsageError, check_device
+
+T = TypeVar("T")
 
 if dist.is_available():
     # Imported before any process group exists: its functions take ``group=group.WORLD`` as a default
@@ -66,14 +77,12 @@ def setup(device: str = "auto", threads: int = 0) -> Runtime:
         the Runtime of this process.
     """
     if device not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"--device must be auto, cuda or cpu, got {device!r}")
+        raise UsageError(f"--device must be auto, cuda or cpu, got {device!r}")
     if threads < 0:
-        raise ValueError(f"--threads must be >= 0, got {threads}")
+        raise UsageError(f"--threads must be an integer >= 0, got {threads}")
     if threads:
         torch.set_num_threads(threads)
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA device is available here; use --device cpu")
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    use_cuda = check_device(device).type == "cuda"
     rank, world, local_rank = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
     if rank is None or world is None:
         rank, world, local_rank = 0, 1, 0
@@ -84,8 +93,54 @@ def setup(device: str = "auto", threads: int = 0) -> Runtime:
     else:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
+        _stop_with_launcher()
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return Runtime(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def _stop_with_launcher() -> None:
+    """Under torchrun on Linux, ask the kernel for SIGTERM when the launcher dies (PR_SET_PDEATHSIG).
+
+    Without it, a ``kill -9`` of torchrun leaves its workers running on, orphaned, still writing
+    to the exp-dir. SIGTERM becomes SystemExit in the entry points, so the lock is released.
+    """
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl here: the exp-dir lock still guards the files
+        return
+
+
+def from_main(rt: Runtime, fn: Callable[[], T]) -> T:
+    """``fn()`` on rank 0, its result (or its error) handed to every rank.
+
+    For decisions only rank 0 may take (creating and locking the exp-dir, choosing and setting
+    aside checkpoints). A UsageError on rank 0 is raised on every rank (rank 0 alone prints
+    it); any other error of rank 0 makes the other ranks raise PeerFailed (quiet, status 1).
+    """
+    if not rt.distributed:
+        return fn()
+    payload: list = [None]
+    error: BaseException | None = None
+    if rt.is_main:
+        try:
+            payload = [("ok", fn())]
+        except UsageError as err:
+            error, payload = err, [("usage", str(err))]
+        except BaseException as err:
+            error, payload = err, [("fail", f"{type(err).__name__}: {err}")]
+    dist.broadcast_object_list(payload, src=0)
+    if error is not None:
+        raise error
+    kind, value = payload[0]
+    if kind == "usage":
+        raise UsageError(value)
+    if kind == "fail":
+        raise PeerFailed(f"rank 0 failed: {value}")
+    return value
 
 
 def cleanup(synchronize: bool = False) -> None:
@@ -123,3 +178,35 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _git(*args: str) -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "-C", here, *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def versions() -> dict:
+    """Python, torch, torchvision and intl_kernels versions, and the git commit of this code when
+    it runs from a git checkout (``git_dirty``: tracked files differ from that commit)."""
+    import torchvision
+
+    import intl_kernels
+
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "intl_kernels": intl_kernels.__version__,
+        "git_commit": None,
+        "git_dirty": None,
+    }
+    # Only when this file is tracked: an installed copy inside some other repository has no commit.
+    if _git("ls-files", "--error-unmatch", os.path.basename(__file__)) is not None:
+        out["git_commit"] = _git("rev-parse", "HEAD")
+        status = _git("status", "--porcelain", "--untracked-files=no")
+        out["git_dirty"] = None if status is None else bool(status)
+    return out
