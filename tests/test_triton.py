@@ -112,6 +112,18 @@ def test_statistics_contract_shared_with_torch_backend(shape):
     _stats_close(_whiten_bwd(dy, z, *theirs[1:], div, "ieee"), dz, "triton bwd on torch stats")
 
 
+@pytest.mark.parametrize("capability", [(8, 0), (9, 0)], ids=["sm80-tiled-adjoint", "sm90-one-program"])
+def test_newton_adjoint_paths_agree_with_the_reference(monkeypatch, capability):
+    """r = 40 (not a multiple of 16): the tiled adjoint that sm_80 takes and the one-program
+    adjoint of sm_90 both match the reference."""
+    from intl_kernels.triton import whiten as tw
+
+    monkeypatch.setattr(tw, "_capability", lambda device: capability)
+    assert tw._newton_bwd_one_program(40, torch.device(DEV)) == (capability >= (9, 0))
+    z, dy = _inputs((2, 40, 60), torch.float32, 11)
+    _check_against_reference(z, dy, 3, 0.0, 60.0, f"capability {capability}")
+
+
 def test_split_k_partials_are_deterministic_and_correct(monkeypatch):
     """n ≫ r: the covariance and Ȳ Zcᵀ are split over columns and reduced in a fixed order."""
     from intl_kernels.triton import whiten as tw

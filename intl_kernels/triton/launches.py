@@ -56,6 +56,21 @@ class Variant:
     def ident(self) -> tuple:
         return (self.module, self.kernel, self.key, self.target)
 
+    @property
+    def compile_id(self) -> tuple:
+        """What ``triton.compile`` builds from: signature, specialization and the parsed options.
+        Launches whose in-memory keys differ only in how options were spelled (an autotuner's
+        config passes num_ctas=1, a direct launch leaves it out) share it and one cubin."""
+        return (
+            self.module,
+            self.kernel,
+            tuple(self.signature.items()),
+            tuple(sorted(self.constexprs.items())),
+            repr(sorted(self.attrs.items())),
+            repr(sorted(self.options.items())),
+            self.target,
+        )
+
     def config(self) -> str:
         """The constexprs by name, the integer arguments specialized as divisible by 16 and the
         launch options, for messages."""
@@ -136,7 +151,9 @@ def _autocast_meta(original):
 
 
 @contextlib.contextmanager
-def record(arch: int = 90, *, gpu: bool = False, num_sms: int | None = None) -> Iterator[Recording]:
+def record(
+    arch: int = 90, *, gpu: bool = False, num_sms: int | None = None, every_config: bool = False
+) -> Iterator[Recording]:
     """Record the compiles and autotune events of the launches made inside the block.
 
     Args:
@@ -144,6 +161,10 @@ def record(arch: int = 90, *, gpu: bool = False, num_sms: int | None = None) -> 
         gpu: use the present GPU's driver and target (on a GPU machine), not a stand-in.
         num_sms: multiprocessors the launchers size their grids for (default: the present
             GPU's with ``gpu``, else 132).
+        every_config: every autotuned launch "benchmarks" all its pruned configs, as if its
+            key were new: which config a GPU keeps for a key is not known here, and the kept
+            one then runs at every shape of the key's size class, in that shape's
+            specialization (the resource gate).
     """
     if os.environ.get("TRITON_INTERPRET", "0").strip() == "1":
         raise RuntimeError("launches.record: unset TRITON_INTERPRET (interpreted kernels do not compile)")
@@ -165,9 +186,11 @@ def record(arch: int = 90, *, gpu: bool = False, num_sms: int | None = None) -> 
         "bench": at.Autotuner._bench,
         "disk": at.Autotuner.check_disk_cache,
         "prune": at.Autotuner.prune_configs,
+        "tune": at.Autotuner.run,
         "active": driver._active,
         "check": W._check,
         "sms": W._num_sms,
+        "capability": W._capability,
         "device": _backends._DEVICE["triton"],
         "reason": _backends._triton_unavailable_reason,
         "autocast": torch.autocast,
@@ -209,6 +232,12 @@ def record(arch: int = 90, *, gpu: bool = False, num_sms: int | None = None) -> 
         rec.autotune_events.append((name, len(configs)))
         return configs
 
+    def tune(self, *args, **kwargs):
+        if id(self) not in tuners:
+            tuners[id(self)] = (self, dict(self.cache))
+        self.cache.clear()
+        return saved["tune"](self, *args, **kwargs)
+
     def bench(self, *args, config, **meta):
         self.fn.run(*args, **dict(meta, **config.all_kwargs()))
         return [0.0, 0.0, 0.0]  # every config ties: the first is kept
@@ -222,10 +251,14 @@ def record(arch: int = 90, *, gpu: bool = False, num_sms: int | None = None) -> 
     at.Autotuner._bench = bench
     at.Autotuner.check_disk_cache = disk
     at.Autotuner.prune_configs = prune
+    if every_config:
+        at.Autotuner.run = tune
     if stand_in is not None:
         driver.set_active(stand_in)
     W._check = lambda fn, z: None
     W._num_sms = lambda device: num_sms
+    if not gpu:
+        W._capability = lambda device: divmod(arch, 10)
     _backends._DEVICE["triton"] = "meta"
     _backends._triton_unavailable_reason = lambda: None
     torch.autocast = _autocast_meta(saved["autocast"])
@@ -237,9 +270,11 @@ def record(arch: int = 90, *, gpu: bool = False, num_sms: int | None = None) -> 
         at.Autotuner._bench = saved["bench"]
         at.Autotuner.check_disk_cache = saved["disk"]
         at.Autotuner.prune_configs = saved["prune"]
+        at.Autotuner.run = saved["tune"]
         driver._active = saved["active"]
         W._check = saved["check"]
         W._num_sms = saved["sms"]
+        W._capability = saved["capability"]
         _backends._DEVICE["triton"] = saved["device"]
         _backends._triton_unavailable_reason = saved["reason"]
         torch.autocast = saved["autocast"]

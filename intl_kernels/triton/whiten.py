@@ -39,6 +39,23 @@ MAX_GROUPS = 65535  # groups go on grid dimension y or z, whose CUDA limit this 
 
 
 @functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    if device.type != "cuda":
+        return (9, 0)  # interpreter: the kernels of the newest architecture the gate checks
+    return torch.cuda.get_device_capability(device)
+
+
+def _newton_bwd_one_program(r: int, device: torch.device) -> bool:
+    """Whether the Newton adjoint runs as one program per group. Up to r = 32, and r = 48 or 64,
+    everywhere; the other r of the 64-row bucket on sm_90 only: on sm_80 the one-program adjoint
+    at BLOCK 64 needs 255 registers and spills 144-188 B unless r is a multiple of 16 (ptxas of
+    Triton 3.6 and 3.8; 16 warps still spill 120 B), so these take the tiled products there."""
+    if r > NEWTON_PROGRAM_MAX:
+        return False
+    return r <= 32 or r % 16 == 0 or _capability(device) >= (9, 0)
+
+
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # interpreter: a small stand-in keeps split-K heuristics exercised
@@ -83,16 +100,19 @@ def _split_k(n: int, tiles: int, device: torch.device, split: int | None) -> tup
 # one config per kernel from the formulas below, no autotuning. r > SMALL_R_MAX (channel
 # whitening, the tiled Newton products): a short list autotuned once per size class (r and n
 # rounded up to powers of two), pruned to the configs of the input's product kind before
-# anything is compiled, timings cached on disk. Every config a launcher can pick compiles for
-# sm_80 and sm_90 within the shared-memory limit and without spills: ``python -m
-# intl_kernels.triton.compile_check`` (part of ``make test``) enforces it; the figures quoted
-# are sm_90 ptxas. Under the interpreter every kernel has one small config.
+# anything is compiled, timings cached on disk. Every config a launcher can pick is compiled
+# for sm_80 and sm_90 at every specialization the launchers reach (r, layouts, alignment) by
+# ``python -m intl_kernels.triton.compile_check`` (``--full``; ``make test`` runs a subset),
+# which fails on shared memory above the limit or a spill. Under the interpreter every kernel
+# has one small config.
 #
 # Four kinds of product (``product_kind``): float32 operands at full precision ("ieee")
-# lower to FMA, whose operand fragments live in registers (BLOCK_K 16, 8 warps); "tf32x3"
-# issues three tensor-core products per tile; "tf32" and "half" (bf16/fp16 operands) one.
-# Tiles hold 4096 outputs wherever sm_80's register-resident mma.sync operands spill with
-# 8192 (sm_80 allocates more registers than sm_90's wgmma, which reads shared memory).
+# lower to FMA, whose operand fragments live in registers; "tf32x3" issues three tensor-core
+# products per tile; "tf32" and "half" (bf16/fp16 operands) one. The tables hold, per kind and
+# size, the largest tile that the gate found free of spills over its whole sweep with Triton 3.6
+# and 3.8: the least aligned inputs (odd r, channels_last) need the most registers, and ptxas
+# spills a few bytes to stay under an occupancy cliff (128 registers at 8 warps, 168 or 80 at
+# 4) rather than use more, so a tile clean for one aligned shape can spill at another.
 
 _INTERP_GRAM = ({"BLOCK_K": 64}, 4, 1)
 _INTERP_APPLY = ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, 4, 1)
@@ -114,46 +134,66 @@ def product_kind(dtype: torch.dtype, prec: str) -> str:
     return "half"
 
 
-def gram_config(r: int, dtype: torch.dtype, prec: str) -> tuple[dict, int, int]:
-    """Covariance / sym(Ȳ Zcᵀ) tiles for r <= SMALL_R_MAX (BLOCK from r: ``_gram_block``).
+# (BLOCK_K, num_warps, num_stages) of the covariance for r <= SMALL_R_MAX, by product kind and r
+# rounded up to a power of two (>= 16; 16, 32, 64: one tile of BLOCK = that, 128: r > 64, three
+# 64 × 64 tiles, whose backward forms two products per column tile). Chosen as the apply's.
+_GRAM_TILES = {
+    "fma": {16: (16, 8, 3), 32: (16, 8, 3), 64: (16, 8, 3), 128: (16, 8, 1)},
+    "tf32x3": {16: (16, 8, 3), 32: (16, 8, 3), 64: (16, 8, 3), 128: (16, 8, 1)},
+    "tf32": {16: (32, 8, 3), 32: (32, 8, 2), 64: (16, 8, 2), 128: (16, 8, 2)},
+    "half": {16: (64, 8, 3), 32: (64, 8, 3), 64: (16, 8, 3), 128: (32, 8, 3)},
+}
 
-    BLOCK_K 16 for FMA and tf32x3 (tf32x3 spills from 32 on sm_80), 32 for tf32, 64 for
-    half operands; 8 warps (4 spill in the backward). sm_90 at r = 64, forward / backward:
-    FMA 80 / 162 registers; half 82 / 118 registers and 48 / 84 KB shared.
-    """
+
+def gram_config(r: int, dtype: torch.dtype, prec: str) -> tuple[dict, int, int]:
+    """Covariance / sym(Ȳ Zcᵀ) tiles for r <= SMALL_R_MAX (BLOCK from r: ``_gram_block``;
+    BLOCK_K, warps and stages from ``_GRAM_TILES``)."""
     if INTERPRET:
         return _INTERP_GRAM
-    return ({"BLOCK_K": {"fma": 16, "tf32x3": 16, "tf32": 32, "half": 64}[product_kind(dtype, prec)]}, 8, 3)
+    bk, warps, stages = _GRAM_TILES[product_kind(dtype, prec)][min(max(16, triton.next_power_of_2(r)), 128)]
+    return ({"BLOCK_K": bk}, warps, stages)
+
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) of the apply for r <= SMALL_R_MAX, by product kind
+# and BLOCK_M (r rounded up to a power of two, >= 16). The forward and the backward (two products,
+# two accumulators) share a config, so the backward sets it: the largest tile whose every variant
+# in the gate's sweep is free of spills for sm_80 and sm_90 under Triton 3.6 and 3.8, fewer
+# pipeline stages before a smaller tile. FMA's operand fragments live in registers and take one
+# stage. The former rule (4096 outputs a tile, BLOCK_K 32 for tf32 and half) and lists spilled
+# 4-420 B at some specialization in 52 of the 100 apply configs, with Triton 3.8 (channels_last
+# inputs the most), and 16 × 256 tf32 tiles took 205568 B of shared memory (sm_80 has 166912).
+_APPLY_TILES = {
+    "fma": {16: (64, 16, 4, 1), 32: (16, 16, 4, 1), 64: (16, 16, 8, 1), 128: (16, 16, 4, 1)},
+    "tf32x3": {16: (64, 16, 4, 3), 32: (16, 16, 2, 2), 64: (32, 16, 4, 2), 128: (16, 16, 8, 3)},
+    "tf32": {16: (128, 16, 8, 3), 32: (128, 16, 8, 3), 64: (32, 32, 8, 3), 128: (32, 16, 8, 2)},
+    "half": {16: (64, 16, 4, 2), 32: (128, 16, 8, 3), 64: (64, 16, 8, 3), 128: (32, 16, 8, 2)},
+}
 
 
 def apply_config(r: int, dtype: torch.dtype, prec: str) -> tuple[dict, int, int]:
     """Y = W·Zc (and the backward's two products) for r <= SMALL_R_MAX: one row block covers
-    all r rows, so every column tile of Z is read once; a tile holds 4096 outputs. sm_90 at
-    r = 64: FMA 64×64×16: 128 / 146 registers forward / backward; no spills.
-
-    At 128 rows three tiles spill a few bytes on sm_80 with one of the two Triton versions the
-    project supports (3.6 and 3.8), and are cut down: FMA takes 2 pipeline stages, tf32x3 128 × 16
-    tiles; tf32x3 takes BLOCK_K 16 at every r (as in the covariance)."""
+    all r rows, so every column tile of Z is read once; tiles from ``_APPLY_TILES``."""
     if INTERPRET:
         return _INTERP_APPLY
     bm = min(max(16, triton.next_power_of_2(r)), SMALL_R_MAX)
-    kind = product_kind(dtype, prec)
-    bk = 16 if kind in ("fma", "tf32x3") else 32
-    bn = 16 if kind == "tf32x3" and bm == 128 else max(32, 4096 // bm)
-    stages = 2 if kind == "fma" and bm == 128 else 3
-    return ({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, 8, stages)
+    bn, bk, warps, stages = _APPLY_TILES[product_kind(dtype, prec)][bm]
+    return ({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, warps, stages)
 
 
 def newton_config(r: int) -> tuple[dict, int, int]:
     """One program per group for r <= NEWTON_PROGRAM_MAX: BLOCK = r rounded up (>= 16), its
     r × r tiles in registers, full float32 precision in every mode (a latency-bound
-    iteration that tensor cores would not speed up; tf32x3 spills on sm_80). sm_90 at
-    BLOCK 64, 8 warps: 144 / 222 registers, no spills. BLOCK 128 spills in every config
-    (8 warps: 255 registers and a stack; 16 warps: capped at 128 registers, 96-348 B of
-    spill stores), so r > 64 takes the tiled products."""
+    iteration that tensor cores would not speed up; tf32x3 spills on sm_80). 2 warps up to
+    BLOCK 16 (4 spill 12-16 B in the backward on sm_90), 4 at 32, 8 at 64: sm_90 forward /
+    backward at most 208 / 248 registers over every r, no spills; sm_80's backward at BLOCK 64
+    spills 144-188 B where r is not a multiple of 16 (255 registers; about 200 at r = 48, 64)
+    with 8 warps and 120 B with 16, so there those r take the tiled adjoint
+    (``_newton_bwd_one_program``). BLOCK 128 spills in
+    every config (8 warps: 255 registers and a stack; 16 warps: capped at 128 registers,
+    96-348 B of spill stores), so r > 64 takes the tiled products."""
     if INTERPRET:
         return _INTERP_NEWTON
-    return ({"BLOCK_K": 16, "PREC": "ieee"}, 4 if r <= 32 else 8, 1)
+    return ({"BLOCK_K": 16, "PREC": "ieee"}, 2 if r <= 16 else 4 if r <= 32 else 8, 1)
 
 
 def _tuned(kernel, key, lists, interp):
@@ -166,50 +206,54 @@ def _tuned(kernel, key, lists, interp):
     return autotune(kernel, key=key, gpu=[c for k in KINDS for c in lists[k]], interp=interp, prune=prune)
 
 
-# r > SMALL_R_MAX (channel whitening): BLOCK = 64 gram tiles. A kind with one config is not
-# benchmarked.
-_HALF_APPLY = [
-    ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 8, 3),
-    ({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, 8, 3),
-]
+# r > SMALL_R_MAX (channel whitening): BLOCK = 64 gram tiles (as at r = 65..128) and apply tiles
+# of 64 and 128 rows, from the per-r tables at those sizes (the same variants: r enters them
+# through its divisibility only). A kind with one config is not benchmarked.
 _gram = _tuned(
     K._whiten_gram_kernel,
     ["size_class", "HAS_DY", "PREC"],
     {
-        "fma": [({"BLOCK_K": 16}, 8, 3)],
-        "tf32x3": [({"BLOCK_K": 16}, 8, 3)],
-        "tf32": [({"BLOCK_K": 32}, 8, 3), ({"BLOCK_K": 16}, 8, 3)],
-        "half": [({"BLOCK_K": 64}, 8, 3), ({"BLOCK_K": 32}, 8, 3)],
+        "fma": [({"BLOCK_K": 16}, 8, 1)],
+        "tf32x3": [({"BLOCK_K": 16}, 8, 1)],
+        "tf32": [({"BLOCK_K": 16}, 8, 2)],
+        "half": [({"BLOCK_K": 32}, 8, 3), ({"BLOCK_K": 16}, 4, 2)],
     },
     _INTERP_GRAM,
 )
-# FMA and tf32x3: BLOCK_K 16 and a 64 × 32 tile at 4 warps; with Triton 3.6, 64 × 32 at 8 warps
-# spills on sm_90 (FMA) and 64 × 64 × 32 on sm_80 (tf32x3).
 _apply = _tuned(
     K._whiten_apply_kernel,
     ["size_class", "HAS_DY", "PREC"],
     {
         "fma": [
-            ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16}, 8, 3),
-            ({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16}, 4, 3),
+            ({"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16}, 8, 1),
+            ({"BLOCK_M": 128, "BLOCK_N": 16, "BLOCK_K": 16}, 4, 1),
         ],
         "tf32x3": [
-            ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16}, 8, 3),
-            ({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16}, 4, 3),
+            ({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16}, 4, 2),
+            ({"BLOCK_M": 128, "BLOCK_N": 16, "BLOCK_K": 16}, 8, 3),
         ],
-        "tf32": _HALF_APPLY,
-        "half": _HALF_APPLY,
+        "tf32": [
+            ({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, 8, 3),
+            ({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 16}, 8, 2),
+        ],
+        "half": [
+            ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16}, 8, 3),
+            ({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 16}, 8, 2),
+        ],
     },
     _INTERP_APPLY,
 )
+# The Newton products take float32 operands whatever the input dtype, so "half" is never picked
+# (it repeats tf32's list). 128 × 128 tiles spill 60-784 B with their epilogue's E tile.
+_MM_TF32 = [({"BLOCK": 64, "BLOCK_K": 32}, 8, 3), ({"BLOCK": 64, "BLOCK_K": 32}, 4, 2)]
 _mm_kernel = _tuned(
     K._whiten_mm_kernel,
     ["size_class", "LOWER", "HAS_PAIR2", "HAS_E", "PREC"],
     {
         "fma": [({"BLOCK": 64, "BLOCK_K": 16}, 8, 3), ({"BLOCK": 32, "BLOCK_K": 16}, 4, 3)],
         "tf32x3": [({"BLOCK": 64, "BLOCK_K": 32}, 4, 3), ({"BLOCK": 64, "BLOCK_K": 32}, 8, 3)],
-        "tf32": [({"BLOCK": 128, "BLOCK_K": 32}, 8, 3), ({"BLOCK": 64, "BLOCK_K": 32}, 4, 3)],
-        "half": [({"BLOCK": 128, "BLOCK_K": 32}, 8, 3), ({"BLOCK": 64, "BLOCK_K": 32}, 4, 3)],
+        "tf32": _MM_TF32,
+        "half": _MM_TF32,
     },
     _INTERP_MM,
 )
@@ -345,7 +389,7 @@ def _whiten_gram(
         _gram[grid](*args, **flags)
     K._whiten_gram_reduce_kernel[(tiles * pieces, G)](
         out, S, trp, rscale, r, G, n_split, pieces, sqrt_eps,
-        BLOCK=block, PIECE=piece, SPLIT_BLOCK=split_block, HAS_TRACE=forward, num_warps=4,
+        BLOCK=block, PIECE=piece, SPLIT_BLOCK=split_block, HAS_TRACE=forward, num_warps=8,
     )  # fmt: skip
     if forward:
         return S, trp, mean, rscale
@@ -411,7 +455,7 @@ def _whiten_newton_fwd(S, trp, T: int, prec: str):
 def _whiten_newton_bwd(GM, dysum, tau, A, P, X, n: int, divisor: float, prec: str):
     """(M = (S̄ + S̄ᵀ)/divisor (G, r, r), row means of Ȳ (G, r)) from GM = 2·sym(W̄)."""
     T, G, r, _ = P.shape
-    if r <= NEWTON_PROGRAM_MAX:
+    if _newton_bwd_one_program(r, GM.device):
         M = torch.empty((G, r, r), dtype=torch.float32, device=GM.device)
         dymean = torch.empty((G, r), dtype=torch.float32, device=GM.device)
         block = max(16, triton.next_power_of_2(r))
