@@ -17,7 +17,7 @@ $(PY):
 $(STAMP): $(PY) $(BUILD_INPUTS)
 	$(PIP) install --quiet $(TORCH_PINS)
 	$(PIP) install --quiet ninja
-	$(PIP) install --no-build-isolation -e ".[test,bench,train]"
+	$(PIP) install --no-build-isolation -e ".[test,bench,train,dali]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,6 +37,7 @@ DIGITS_MEAN = (0.5, 0.5, 0.5)
 DIGITS_STD = (0.5, 0.5, 0.5)
 DIGITS_SIZE = 16  # the 8×8 digits are upsampled (bilinear) to 16×16
 DIGITS_VAL_FRACTION = 0.25
+BLUR_SIGMA = (0.1, 2.0)  # BYOL's Gaussian blur: σ ~ U(0.1, 2.0) (radius of PIL's blur)
 
 # INTL Table B: relative crop sizes and (min, max) scales of the 6 multi-crop views.
 MULTI_CROP_SIZES = (224, 224, 192, 160, 128, 96)
@@ -227,7 +229,7 @@ class RandomGaussianBlur(v2.Transform):
     draws use torch's generator, so seeded runs repeat.
     """
 
-    def __init__(self, p: float, sigma: tuple[float, float] = (0.1, 2.0)) -> None:
+    def __init__(self, p: float, sigma: tuple[float, float] = BLUR_SIGMA) -> None:
         super().__init__()
         self.p, self.sigma = p, sigma
 
@@ -240,36 +242,82 @@ class RandomGaussianBlur(v2.Transform):
         return image.filter(ImageFilter.GaussianBlur(radius=s))
 
 
-def _view(
-    size: int,
-    scale: tuple[float, float],
-    blur_p: float,
-    solarize_p: float,
-    mean: Sequence[float],
-    std: Sequence[float],
-    digits: bool,
-) -> v2.Compose:
-    """One BYOL-style view of a PIL image: crop, flip, colour jitter, grey, blur, solarise, normalise."""
-    ops: list[Callable] = [v2.RandomResizedCrop(size, scale=scale, antialias=True)]
-    if digits:  # grey digits: no flips (they change the class), no hue or saturation
-        ops += [v2.RandomApply([v2.ColorJitter(0.4, 0.4)], p=0.8)]
+@dataclass(frozen=True)
+class ViewSpec:
+    """One augmented view as numbers, in the order the transforms apply: a random resized crop,
+    then (each optional) a horizontal flip (p 0.5), colour jitter (strengths of brightness,
+    contrast[, saturation, hue], applied with probability ``jitter_p``, in a random order),
+    grayscale, Gaussian blur (σ ~ U(BLUR_SIGMA)) and solarisation (threshold 128), then the
+    normalisation. ``torch_view`` builds the torchvision transform; the DALI loader
+    (train/dali.py) draws the same parameters from the same seed and applies them.
+    """
+
+    size: int
+    scale: tuple[float, float]
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = False
+    jitter: tuple[float, ...] | None = None
+    jitter_p: float = 0.8
+    gray_p: float | None = None
+    blur_p: float | None = None
+    solarize_p: float | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """No augmentation: resize the shorter side to ``resize`` and take the centre ``crop``
+    (``resize`` None: the image as it is), then normalise."""
+
+    crop: int
+    resize: int | None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+def torch_view(spec: ViewSpec | EvalSpec) -> v2.Compose:
+    """The torchvision transform (PIL image in, normalised float tensor out) of a view."""
+    ops: list[Callable] = []
+    if isinstance(spec, EvalSpec):
+        if spec.resize is not None:
+            ops += [v2.Resize(spec.resize, antialias=True), v2.CenterCrop(spec.crop)]
     else:
-        ops += [
-            v2.RandomHorizontalFlip(),
-            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-            v2.RandomGrayscale(p=0.2),
-        ]
-    ops += [
-        RandomGaussianBlur(blur_p),
-        v2.RandomSolarize(threshold=128, p=solarize_p),
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean, std),
-    ]
+        ops.append(v2.RandomResizedCrop(spec.size, scale=spec.scale, ratio=spec.ratio, antialias=True))
+        if spec.flip:
+            ops.append(v2.RandomHorizontalFlip())
+        if spec.jitter is not None:
+            ops.append(v2.RandomApply([v2.ColorJitter(*spec.jitter)], p=spec.jitter_p))
+        if spec.gray_p is not None:
+            ops.append(v2.RandomGrayscale(p=spec.gray_p))
+        if spec.blur_p is not None:
+            ops.append(RandomGaussianBlur(spec.blur_p))
+        if spec.solarize_p is not None:
+            ops.append(v2.RandomSolarize(threshold=128, p=spec.solarize_p))
+    ops += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)]
     return v2.Compose(ops)
 
 
-def pretrain_views(crop: int, multi_crop: bool, digits: bool) -> list[v2.Compose]:
+def _view_spec(
+    size: int, scale: tuple[float, float], blur_p: float, solarize_p: float, digits: bool
+) -> ViewSpec:
+    """One BYOL-style view: crop, flip, colour jitter, grey, blur, solarise, normalise."""
+    if digits:  # grey digits: no flips (they change the class), no hue or saturation
+        return ViewSpec(
+            size,
+            scale,
+            jitter=(0.4, 0.4),
+            blur_p=blur_p,
+            solarize_p=solarize_p,
+            mean=DIGITS_MEAN,
+            std=DIGITS_STD,
+        )
+    return ViewSpec(
+        size, scale, flip=True, jitter=(0.4, 0.4, 0.2, 0.1), gray_p=0.2, blur_p=blur_p, solarize_p=solarize_p
+    )
+
+
+def pretrain_specs(crop: int, multi_crop: bool, digits: bool) -> list[ViewSpec]:
     """The views of one sample for pretraining.
 
     Args:
@@ -279,52 +327,82 @@ def pretrain_views(crop: int, multi_crop: bool, digits: bool) -> list[v2.Compose
         digits: the digits variant (no flip, no hue/saturation, crops no smaller than 30%).
 
     Returns:
-        a list of transforms, one per view; the first view is the (EMA) target.
+        one spec per view; the first view is the (EMA) target.
     """
-    mean, std = (DIGITS_MEAN, DIGITS_STD) if digits else (IMAGENET_MEAN, IMAGENET_STD)
     if multi_crop:
         views = []
         for rel, (lo, hi) in zip(MULTI_CROP_SIZES, MULTI_CROP_SCALES, strict=True):
             size = max(4, round(crop * rel / 224))
             lo = max(lo, 0.3 * hi) if digits else lo
-            views.append(_view(size, (lo, hi), 0.5, 0.1, mean, std, digits))
+            views.append(_view_spec(size, (lo, hi), 0.5, 0.1, digits))
         return views
     scale = (0.3, 1.0) if digits else (0.08, 1.0)
-    return [
-        _view(crop, scale, 1.0, 0.0, mean, std, digits),
-        _view(crop, scale, 0.1, 0.2, mean, std, digits),
-    ]
+    return [_view_spec(crop, scale, 1.0, 0.0, digits), _view_spec(crop, scale, 0.1, 0.2, digits)]
+
+
+def pretrain_views(crop: int, multi_crop: bool, digits: bool) -> list[v2.Compose]:
+    """The torchvision transforms of ``pretrain_specs`` (same arguments), one per view."""
+    return [torch_view(spec) for spec in pretrain_specs(crop, multi_crop, digits)]
+
+
+def eval_spec(crop: int, digits: bool) -> EvalSpec:
+    """Resize(crop·256/224) + CenterCrop(crop) (digits: as they are), normalised."""
+    if digits:
+        return EvalSpec(crop, None, DIGITS_MEAN, DIGITS_STD)
+    return EvalSpec(crop, round(crop * 256 / 224))
 
 
 def eval_transform(crop: int, digits: bool) -> v2.Compose:
     """No augmentation: Resize(crop·256/224) + CenterCrop(crop) (digits: as they are), normalised."""
+    return torch_view(eval_spec(crop, digits))
+
+
+def classifier_spec(crop: int, digits: bool) -> ViewSpec:
+    """Linear evaluation's train view: RandomResizedCrop(crop) + horizontal flip (digits: no flip)."""
     if digits:
-        return v2.Compose(
-            [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(DIGITS_MEAN, DIGITS_STD)]
-        )
-    return v2.Compose(
-        [
-            v2.Resize(round(crop * 256 / 224), antialias=True),
-            v2.CenterCrop(crop),
-            v2.ToImage(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
+        return ViewSpec(crop, (0.5, 1.0), mean=DIGITS_MEAN, std=DIGITS_STD)
+    return ViewSpec(crop, (0.08, 1.0), flip=True)
 
 
 def classifier_train_transform(crop: int, digits: bool) -> v2.Compose:
     """Linear evaluation's train transform: RandomResizedCrop(crop) + horizontal flip (digits: no flip)."""
-    if digits:
-        ops = [v2.RandomResizedCrop(crop, scale=(0.5, 1.0), antialias=True)]
-        mean, std = DIGITS_MEAN, DIGITS_STD
-    else:
-        ops = [v2.RandomResizedCrop(crop, antialias=True), v2.RandomHorizontalFlip()]
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
-    return v2.Compose([*ops, v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    return torch_view(classifier_spec(crop, digits))
 
 
 # ----------------------------------------------------------------------------- dataset
+
+
+def first_readable(
+    source: FolderSource | DigitsSource,
+    indices: Sequence[int],
+    index: int,
+    load: Callable[[int], tuple],
+    skip_corrupt: bool,
+    warned: set[int],
+) -> tuple[tuple, int]:
+    """``load(indices[index])``, or with ``skip_corrupt`` that of the next readable image.
+
+    An unreadable image raises UnreadableImageError naming the file and ``--skip-corrupt``;
+    with ``skip_corrupt`` it is replaced by the next one in ``indices`` (cyclically) and
+    warned about once per file (``warned`` holds the source indices already reported).
+
+    Returns:
+        (what ``load`` returned, the number of unreadable images skipped).
+    """
+    n = len(indices)
+    for skipped in range(n):
+        j = indices[(index + skipped) % n]
+        try:
+            item = load(j)
+        except UnreadableImageError as err:
+            if not skip_corrupt:
+                raise UnreadableImageError(f"{err}; pass --skip-corrupt to skip unreadable images") from None
+            if j not in warned:
+                warned.add(j)
+                warnings.warn(f"skipping {err}", stacklevel=3)
+            continue
+        return item, skipped
+    raise RuntimeError(f"--data: no readable image in {source.root}")
 
 
 class ViewDataset(Dataset):
@@ -334,17 +412,21 @@ class ViewDataset(Dataset):
     process's global generator is left as it was); ``dataset[index]`` uses the global one.
     ``skipped`` counts unreadable images replaced by the next readable one (only with
     ``skip_corrupt``; otherwise an unreadable image raises an error naming the file).
+    ``transforms``: callables, or view specs (``ViewSpec``/``EvalSpec``, kept as ``specs`` for
+    the DALI loader) that become their torchvision transforms.
     """
 
     def __init__(
         self,
         source: FolderSource | DigitsSource,
-        transforms: Sequence[Callable],
+        transforms: Sequence[Callable | ViewSpec | EvalSpec],
         skip_corrupt: bool = False,
         indices: Sequence[int] | None = None,
     ) -> None:
         self.source = source
-        self.transforms = list(transforms)
+        specs = [t for t in transforms if isinstance(t, ViewSpec | EvalSpec)]
+        self.specs: list[ViewSpec | EvalSpec] | None = specs if len(specs) == len(transforms) else None
+        self.transforms = [torch_view(t) if isinstance(t, ViewSpec | EvalSpec) else t for t in transforms]
         self.skip_corrupt = skip_corrupt
         self.indices = list(range(len(source))) if indices is None else list(indices)
         self._warned: set[int] = set()
@@ -353,22 +435,10 @@ class ViewDataset(Dataset):
         return len(self.indices)
 
     def _load(self, index: int) -> tuple[object, int, int]:
-        n = len(self.indices)
-        for skipped in range(n):
-            j = self.indices[(index + skipped) % n]
-            try:
-                image, label = self.source.load(j)
-            except UnreadableImageError as err:
-                if not self.skip_corrupt:
-                    raise UnreadableImageError(
-                        f"{err}; pass --skip-corrupt to skip unreadable images"
-                    ) from None
-                if j not in self._warned:
-                    self._warned.add(j)
-                    warnings.warn(f"skipping {err}", stacklevel=2)
-                continue
-            return image, label, skipped
-        raise RuntimeError(f"--data: no readable image in {self.source.root}")
+        (image, label), skipped = first_readable(
+            self.source, self.indices, index, self.source.load, self.skip_corrupt, self._warned
+        )
+        return image, label, skipped
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[list[torch.Tensor], int, int]:
         index, seed = key if isinstance(key, tuple) else (key, None)
@@ -423,6 +493,86 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+
+class SeededSampler:
+    """Keys ``(index, sample_seed(seed, epoch, index))`` for the indices of ``sampler`` (e.g. a
+    DistributedSampler; its ``set_epoch`` goes through), for loaders that need per-sample seeds."""
+
+    def __init__(self, sampler: DistributedSampler, seed: int) -> None:
+        self.sampler, self.seed = sampler, seed
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.sampler.epoch
+        for i in self.sampler:
+            yield i, sample_seed(self.seed, epoch, i)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+LOADERS = ("torch", "dali")
+
+
+def check_loader(loader: str) -> None:
+    """The cheap check of ``--loader``: ``dali`` needs NVIDIA DALI installed (a one-line error
+    naming the install command otherwise)."""
+    if loader not in LOADERS:
+        raise UsageError(f"--loader must be one of {', '.join(LOADERS)}, got {loader!r}")
+    if loader == "dali":
+        from .dali import require_dali
+
+        require_dali()
+
+
+def make_view_loader(
+    loader: str,
+    dataset: ViewDataset,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    sampler: Iterable | None = None,
+    drop_last: bool = False,
+    hw_decoder_load: float | None = None,
+    hue: str = "pil",
+) -> Iterable:
+    """Batches ``(views, labels, skipped)`` of a ``ViewDataset`` built from view specs.
+
+    Args:
+        loader: ``torch`` (a DataLoader: ``workers`` processes decode and augment with PIL and
+            torchvision) or ``dali`` (train/dali.py: NVIDIA DALI decodes and augments, on
+            ``device`` when it is a GPU; ``workers`` processes read the files and draw the
+            parameters, and DALI runs ``max(1, workers)`` CPU threads).
+        sampler: the keys, e.g. a ResumableSampler's ``(index, seed)``; default every index in order.
+        hw_decoder_load: ``dali`` on a GPU: the hardware JPEG decoder's share (default DALI's).
+        hue: ``dali``: "pil" (PIL's hue shift, as the torch loader) or "yiq" (DALI's faster one).
+
+    Both give the same batches of the same samples; views differ within the bounds stated in
+    train/dali.py, and the DALI loader delivers them on ``device``.
+    """
+    if loader == "torch":
+        return make_loader(dataset, batch_size, workers, device.type == "cuda", sampler, drop_last)
+    check_loader(loader)
+    if dataset.specs is None:
+        raise ValueError("make_view_loader: --loader dali needs a ViewDataset built from view specs")
+    from .dali import HW_DECODER_LOAD, DaliLoader
+
+    return DaliLoader(
+        dataset.source,
+        dataset.specs,
+        batch_size,
+        sampler=sampler,
+        indices=dataset.indices,
+        skip_corrupt=dataset.skip_corrupt,
+        workers=workers,
+        device=device,
+        drop_last=drop_last,
+        hw_decoder_load=HW_DECODER_LOAD if hw_decoder_load is None else hw_decoder_load,
+        hue=hue,
+    )
 
 
 def make_loader(

@@ -1,6 +1,6 @@
 """``make demo`` (training part): INTL on scikit-learn's digits on the CPU in a few minutes.
 
-    intl-train-demo [--out demo_out/train] [--epochs 25] [--fresh]
+    intl-train-demo [--out demo_out/train] [--epochs 25] [--fresh] [--loader torch|dali] [--seed 0]
     python -m train.demo ...                 (in a checkout; make demo runs this)
 
 Pretrains the small ResNet (16-32-64-128, CIFAR stem) with a 512-512-512 projector on the
@@ -38,15 +38,28 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--epochs", type=int, default=25, help="pretraining epochs (10 steps each)")
     p.add_argument("--probe-epochs", type=int, default=10, help="linear probe epochs")
     p.add_argument("--fresh", action="store_true", help="delete --out first")
+    p.add_argument(
+        "--loader",
+        choices=("torch", "dali"),
+        default="torch",
+        help="data loading (dali: NVIDIA DALI on the CPU)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the pretraining (initial weights, order, augmentations) and of the probes",
+    )
     args = p.parse_args(argv)
     for k in ("epochs", "probe_epochs"):
         cli.check_int(args, k, 1)
+    cli.check_int(args, "seed", 0)
     out = Path(args.out)
     if args.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    cpu = ["--device", "cpu", "--threads", "1"]
+    cpu = ["--device", "cpu", "--threads", "1", "--loader", args.loader, "--seed", str(args.seed)]
 
     print(f"pretraining INTL on digits for {args.epochs} epochs (CPU) ...", flush=True)
     summary = _quiet(
@@ -56,7 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     pretrain_s = time.perf_counter() - start
 
-    runtime.seed_everything(0)  # the initial weights of the run (pretrain seeds 0, then builds the backbone)
+    # the initial weights of the run (pretrain seeds with --seed, then builds the backbone)
+    runtime.seed_everything(args.seed)
     random_init = out / "random_init.pth"
     ckpt.atomic_save(build_backbone("resnet_tiny", cifar_stem=True)[0].state_dict(), random_init)
 

@@ -127,19 +127,21 @@ def extract_features(
     device: torch.device,
     desc: str = "features",
     progress: bool = True,
+    loader: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backbone features (eval mode, float32) and labels of a dataset, in dataset order.
+    """Backbone features (eval mode, float32) and labels of a dataset, in dataset order
+    (``loader``: ``torch`` or ``dali``, see ``data.make_view_loader``).
 
     Returns:
         (features (M, F) on ``device``, labels (M,) int64 on ``device``).
     """
     was_training = backbone.training
     backbone.eval()
-    loader = tdata.make_loader(dataset, batch_size, workers, pin_memory=device.type == "cuda")
-    bar = monitor.Progress(len(loader), 0, desc, progress, leave=False)
+    batches = tdata.make_view_loader(loader, dataset, batch_size, workers, device)
+    bar = monitor.Progress(len(batches), 0, desc, progress, leave=False)
     feats, labels = [], []
     try:
-        for views, y, _ in loader:
+        for views, y, _ in batches:
             x = views[0].to(device, non_blocking=True)
             with torch.autocast(device.type, enabled=False):
                 feats.append(backbone(x).float())
@@ -161,6 +163,7 @@ def knn_accuracies(
     k: int = 20,
     temperature: float = 0.07,
     progress: bool = True,
+    loader: str = "torch",
 ) -> dict:
     """Top-1 (%) of the weighted cosine k-NN and the Euclidean 5-NN of ``queries`` against ``bank``.
 
@@ -169,8 +172,10 @@ def knn_accuracies(
     if k < 1:
         raise UsageError(f"--k must be an integer >= 1, got {k}")
     k = min(k, len(bank))
-    fb, yb = extract_features(backbone, bank, batch_size, workers, device, "bank features", progress)
-    fq, yq = extract_features(backbone, queries, batch_size, workers, device, "query features", progress)
+    fb, yb = extract_features(backbone, bank, batch_size, workers, device, "bank features", progress, loader)
+    fq, yq = extract_features(
+        backbone, queries, batch_size, workers, device, "query features", progress, loader
+    )
     c = len(bank.source.classes)
     cos = knn_cosine(fb, yb, fq, k, temperature, num_classes=c)
     euc = knn_euclidean(fb, yb, fq, 5, num_classes=c)
@@ -222,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
         "runs/knn_eval with --random-init)",
     )
     p.add_argument("--workers", type=int, default=None, help="data loading workers (default 8; digits 0)")
+    p.add_argument(
+        "--loader", choices=tdata.LOADERS, default="torch", help="data loading: torch or dali (NVIDIA DALI)"
+    )
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
@@ -256,6 +264,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise UsageError(f"--exp-dir {args.exp_dir}: not writable ({KNN_EVAL_LOG} goes there); pass another")
     cli.check_device(args.device)
     tdata.check_data(args.data, ("train", "val"))
+    tdata.check_loader(args.loader)
     return args
 
 
@@ -285,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
         check_class_match(tr, va)
         if args.k > len(tr):
             cli.note(parser.prog, f"--k {args.k} is more than the {len(tr)} bank images: using k = {len(tr)}")
-        t = tdata.eval_transform(args.crop_size, digits)
+        t = tdata.eval_spec(args.crop_size, digits)
         print(f"knn_eval: {source}; bank {len(tr)} images, queries {len(va)}", flush=True)
         res = knn_accuracies(
             backbone,
@@ -297,6 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
             args.k,
             args.temperature,
             progress=rt.is_main,
+            loader=args.loader,
         )
         res["pretrained"] = "random" if args.random_init else args.pretrained
         print(

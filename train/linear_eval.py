@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--progress-interval", type=float, default=30.0, help="seconds between progress lines (no terminal)")
     a("--device", choices=("auto", "cuda", "cpu"), default="auto")
     a("--workers", type=int, default=None, help="data loading workers per rank (default 8; digits 0)")
+    a("--loader", choices=tdata.LOADERS, default="torch", help="data loading: torch or dali (NVIDIA DALI)")
     a("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     a("--seed", type=int, default=0, help="seed of the classifier initialisation and data order")
     return p
@@ -141,20 +142,21 @@ class LinearEval:
         self.train_src = train_src
         self.num_classes = len(train_src.classes)
         subset = semi_supervised_indices(train_src.targets, args.train_percent, args.split_seed)
-        train_t = tdata.classifier_train_transform(args.crop_size, self.digits)
+        train_t = tdata.classifier_spec(args.crop_size, self.digits)
         self.train_set = tdata.ViewDataset(train_src, [train_t], indices=subset)
-        self.val_set = tdata.ViewDataset(val_src, [tdata.eval_transform(args.crop_size, self.digits)])
+        self.val_set = tdata.ViewDataset(val_src, [tdata.eval_spec(args.crop_size, self.digits)])
         self.per_rank = args.batch_size // rt.world_size
         self.sampler = DistributedSampler(
             self.train_set, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=args.seed
         )
-        pin = dev.type == "cuda"
-        self.loader = tdata.make_loader(
-            self.train_set, self.per_rank, args.workers, pin, sampler=self.sampler
+        # The DALI loader draws each sample's crop from its own seed (run seed, epoch, index).
+        keys = self.sampler if args.loader == "torch" else tdata.SeededSampler(self.sampler, args.seed)
+        self.loader = tdata.make_view_loader(
+            args.loader, self.train_set, self.per_rank, args.workers, dev, keys
         )
         val_idx = list(range(rt.rank, len(self.val_set), rt.world_size))  # a shard per rank, no padding
-        self.val_loader = tdata.make_loader(
-            torch.utils.data.Subset(self.val_set, val_idx), self.per_rank, args.workers, pin
+        self.val_loader = tdata.make_view_loader(
+            args.loader, self.val_set, self.per_rank, args.workers, dev, sampler=val_idx
         )
 
         runtime.seed_everything(args.seed)
@@ -446,6 +448,7 @@ def resolve_args(args: argparse.Namespace, world: int) -> argparse.Namespace:
     cli.check_device(args.device)
     cli.check_exp_dir(args.exp_dir)
     tdata.check_data(args.data, ("train", "val"))
+    tdata.check_loader(args.loader)
     return args
 
 

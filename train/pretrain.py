@@ -56,6 +56,7 @@ REQUIRED = ("model", "optimizer", "epoch", "batch", "step", "args")
 MUST_MATCH = ("arch", "stem", "proj", "batch_size", "multi_crop", "ema")
 # Flags that only say where or how this process runs: changing them is not worth a note.
 WHERE = ("data", "exp_dir", "resume", "break_lock", "device", "workers", "threads", "progress_interval")
+WHERE += ("dali_hw_decoder_load",)
 # What a fresh start sets aside when it finds it in the exp-dir (an earlier run's outputs).
 OUTPUTS = [*monitor.STEP_LOGS, "spectrum.png", "args.json", "tb", KNN_EVAL_LOG, *(f"{a}.pth" for a in ARCHS)]
 SNAPSHOT = "checkpoint-epoch{:04d}.pth"
@@ -154,8 +155,32 @@ def build_parser() -> argparse.ArgumentParser:
     a("--knn-samples", type=int, default=10000, help="online k-NN: at most this many train and val images")
     a("--tensorboard", action="store_true", help="also log to exp-dir/tb (needs the tensorboard package)")
     a("--skip-corrupt", action="store_true", help="skip unreadable images (counted) instead of stopping")
+    a(
+        "--loader",
+        choices=tdata.LOADERS,
+        default="torch",
+        help="data loading: torch (PIL + torchvision in --workers processes) or dali (NVIDIA DALI: "
+        "on the GPU with --device cuda, else its CPU operators; pip install -e '.[dali]')",
+    )
+    a(
+        "--dali-hw-decoder-load",
+        type=float,
+        default=0.65,
+        help="--loader dali on a GPU: share of the JPEGs for the hardware decoder (A100/H100)",
+    )
+    a(
+        "--dali-hue",
+        choices=("pil", "yiq"),
+        default="pil",
+        help="--loader dali: hue as PIL shifts it (as --loader torch) or DALI's faster YIQ rotation",
+    )
     a("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    a("--workers", type=int, default=None, help="data loading workers per rank (default 8; digits 0)")
+    a(
+        "--workers",
+        type=int,
+        default=None,
+        help="data loading workers per rank (default 8; digits 0); --loader dali: also its CPU threads",
+    )
     a("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     a("--seed", type=int, default=0, help="seed of the initialisation, data order and augmentations")
     return p
@@ -191,6 +216,7 @@ def resolve_args(args: argparse.Namespace, world: int) -> argparse.Namespace:
     check_float(args, "collapse_fraction", 0, 1)
     check_float(args, "save_every_minutes", 0)
     check_float(args, "progress_interval", 0)
+    check_float(args, "dali_hw_decoder_load", 0, 1)
     if args.batch_size < 8:
         raise UsageError(
             f"--batch-size must be >= 8 (INTL's trade-off 0.01·(log2 bs − 3)), got {args.batch_size}"
@@ -210,6 +236,7 @@ def resolve_args(args: argparse.Namespace, world: int) -> argparse.Namespace:
     if args.tensorboard:
         monitor.check_tensorboard()
     tdata.check_data(args.data, ("train", "val") if args.knn_every else ("train",))
+    tdata.check_loader(args.loader)
     cli.check_exp_dir(args.exp_dir)
     if args.resume is not None:
         r = Path(args.resume)
@@ -294,19 +321,22 @@ class Trainer:
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
 
         self.source = tdata.open_source(args.data, "train")
-        views = tdata.pretrain_views(args.crop_size, args.multi_crop, self.digits)
+        views = tdata.pretrain_specs(args.crop_size, args.multi_crop, self.digits)
         self.dataset = tdata.ViewDataset(self.source, views, skip_corrupt=args.skip_corrupt)
         self.per_rank = args.batch_size // rt.world_size
         self.sampler = tdata.ResumableSampler(
             self.dataset, rt.world_size, rt.rank, self.per_rank, seed=args.seed
         )
-        self.loader = tdata.make_loader(
+        self.loader = tdata.make_view_loader(
+            args.loader,
             self.dataset,
             self.per_rank,
             args.workers,
-            dev.type == "cuda",
+            dev,
             sampler=self.sampler,
             drop_last=True,
+            hw_decoder_load=args.dali_hw_decoder_load,
+            hue=args.dali_hue,
         )
         self.steps_per_epoch = self.sampler.batches_per_epoch
         self.total_steps = args.epochs * self.steps_per_epoch
@@ -354,7 +384,7 @@ class Trainer:
         """Labelled bank (train) and queries (val) for the online k-NN monitor, at most --knn-samples each."""
         tr, va = self.source, tdata.open_source(self.args.data, "val")
         check_class_match(tr, va)
-        t = tdata.eval_transform(self.args.crop_size, self.digits)
+        t = tdata.eval_spec(self.args.crop_size, self.digits)
         g = torch.Generator().manual_seed(self.args.seed)
 
         def subset(src: object) -> list[int]:
@@ -669,6 +699,7 @@ class Trainer:
                 self.args.workers,
                 self.rt.device,
                 progress=False,
+                loader=self.args.loader,
             )
             self.logger.log_knn({"step": self.step, "epoch": self.epoch, **res})
         runtime.barrier(self.rt)
