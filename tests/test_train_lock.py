@@ -18,6 +18,7 @@ import torch
 
 pytest.importorskip("torchvision", reason="the training tests need torchvision")
 from test_train import ROOT, TINY, make_image_folder  # noqa: E402
+from torchrun_helpers import children  # noqa: E402
 
 from train import linear_eval, pretrain  # noqa: E402
 from train.cli import UsageError  # noqa: E402
@@ -50,16 +51,6 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            out += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return out
-
-
 def _wait_for(condition, what: str, timeout: float = 120.0) -> None:
     # Polls a condition on files the other processes write; the deadline only bounds a failure.
     deadline = time.monotonic() + timeout
@@ -89,7 +80,7 @@ def test_live_torchrun_run_refuses_a_second_start_and_a_killed_launcher_frees_th
     try:
         _wait_for(lambda: (exp / "checkpoint.pth").exists() or agent.poll() is not None, "a checkpoint")
         assert agent.poll() is None, (tmp_path / "err.txt").read_text()[-3000:]
-        workers = _children(agent.pid)
+        workers = children(agent.pid)
         holder = json.loads((exp / LOCK_NAME).read_text())
         assert holder["host"] == HOST and holder["pid"] in workers
 

@@ -170,7 +170,9 @@ def test_problems_name_shared_memory_and_spills():
     assert problems(spills, 90) == ["spills (48 B stores, 36 B loads, 40 B stack, 255 registers)"]
     slack = dict(fits, stack=16, spill_stores=16, spill_loads=16)  # one to four registers: passes
     assert problems(slack, 80) == []
-    assert problems(dict(slack, spill_loads=20), 80) == ["spills (16 B stores, 20 B loads, 16 B stack, 128 registers)"]
+    assert problems(dict(slack, spill_loads=20), 80) == [
+        "spills (16 B stores, 20 B loads, 16 B stack, 128 registers)"
+    ]
 
 
 @pytest.mark.slow

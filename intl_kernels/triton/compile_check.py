@@ -323,7 +323,9 @@ def report(rows: list[dict], failures: list[str], facts: dict, *, full: bool, ar
             f"{r['kernel']} sm_{r['arch']} {r['config']}: {r['resources']['spill_stores']} B stores, "
             f"{r['resources']['spill_loads']} B loads, {r['resources']['registers']} registers"
             for r in rows
-            if r["resources"] and not r["problems"] and (r["resources"]["spill_stores"] or r["resources"]["spill_loads"])
+            if r["resources"]
+            and not r["problems"]
+            and (r["resources"]["spill_stores"] or r["resources"]["spill_loads"])
         ],
         "per_kernel": per_kernel,
         "per_config": per_config,
