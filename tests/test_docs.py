@@ -59,3 +59,48 @@ def test_readme_is_the_front_door_and_its_links_resolve():
     for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", readme):
         if not target.startswith(("http://", "https://")):
             assert (ROOT / target).exists(), target
+
+
+ROW = re.compile(
+    r"^\| (\d+\.\d+\.\d+)\S* \| .*? \| (\d+) passed, (\d+) failed, \d+ skipped \| (\w+)", flags=re.M
+)
+
+
+def test_the_side_environment_row_is_what_the_range_check_reads():
+    """tools/test_torch.py prints the rows of docs/versions.md; the check below parses them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("test_torch_tool", ROOT / "tools" / "test_torch.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    versions = {"torch": "2.11.0+cu130", "triton": "3.6.0", "numpy": "2.4.6", "python": "3.11.7"}
+    suite = {"passed": 814, "failures": 0, "errors": 1, "skipped": 149}
+    row = tool.table_row(
+        {"versions": versions, "suite": suite, "dry_run_rc": 0, "date": "2026-12-07", "commit": "abc"}
+    )
+    assert ROW.findall(row) == [("2.11.0", "814", "1", "passed")], row
+
+
+def test_declared_torch_range_is_the_tested_range():
+    """pyproject's torch requirement spans the releases docs/versions.md records: its floor is the
+    oldest that passes, its cap the minor release after the newest tested, and every tested
+    release with failures has a note that names them."""
+    spec = re.search(r'"torch>=([\d.]+),<([\d.]+)"', (ROOT / "pyproject.toml").read_text())
+    assert spec, "pyproject.toml: expected a dependency torch>=A,<B"
+    floor, cap = (tuple(int(x) for x in v.split(".")) for v in spec.groups())
+    text = (ROOT / "docs" / "versions.md").read_text()
+    rows = ROW.findall(text)
+    tested = sorted(tuple(int(x) for x in v.split(".")) for v, *_ in rows)
+    passing = sorted(
+        tuple(int(x) for x in v.split(".")) for v, _, failed, dry in rows if failed == "0" and dry == "passed"
+    )
+    assert passing, "docs/versions.md: no passing row"
+    assert passing[0][:2] == floor[:2], (passing, floor)
+    assert cap[:2] == (tested[-1][0], tested[-1][1] + 1), (tested, cap)
+    for v, _, failed, dry in rows:
+        if failed != "0" or dry != "passed":
+            major_minor = ".".join(v.split(".")[:2])
+            note = re.search(
+                rf"^- \*\*torch {re.escape(major_minor)}\*\*(.*?)(?=^- |\Z)", text, flags=re.M | re.S
+            )
+            assert note and "fail" in note.group(1), f"docs/versions.md: no note naming torch {v}'s failures"

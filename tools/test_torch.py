@@ -18,8 +18,8 @@ Steps, each printed before it runs:
    ``torch.version.cuda``'s (setup.py decides and says why not);
 4. the CPU suite (``pytest -n 2 tests``, JUnit XML in ``DIR/junit.xml``) and the gpu-check dry
    run (``DIR/gpu-check-dry-run``);
-5. one result line: date, torch, Triton, numpy, Python, CUDA of torch and nvcc, the counts and
-   the failing tests, in ``DIR/result.json`` and printed as a row of the version table in
+5. one result line: date, commit, torch, Triton, numpy, Python, CUDA of torch and nvcc, the
+   counts and the failing tests, in ``DIR/result.json`` and printed as a row of the version table in
    docs/versions.md.
 
 Exit status: 0 when the suite and the dry run pass, 1 when either fails, 2 on a setup error.
@@ -177,7 +177,7 @@ def table_row(result: dict) -> str:
     dry = "passed" if result["dry_run_rc"] == 0 else f"failed ({result['dry_run_rc']})"
     return (
         f"| {v['torch']} | {v['triton']} | {v['numpy']} | {v['python']} | {outcome} | {dry} | "
-        f"{result['date']} |"
+        f"{result['date']} | {result.get('commit', 'unknown')} |"
     )
 
 
@@ -232,8 +232,11 @@ def main(argv: list[str] | None = None) -> int:
         [str(py), "-m", "verify.gpu_check", "--out", str(dry_out), "--dry-run", "--jobs", "2"],
         env=test_env, cwd=src, check=False,
     )  # fmt: skip
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
     result = {
         "date": dt.date.today().isoformat(),
+        "commit": (head.stdout.strip() or "unknown") + ("+changes" if dirty.stdout.strip() else ""),
         "versions": found,
         "suite_rc": suite_rc,
         "suite": junit_result(junit),
