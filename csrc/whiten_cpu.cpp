@@ -451,11 +451,17 @@ std::vector<at::Tensor> whiten_bwd_impl(const at::Tensor& dy, const at::Tensor& 
   // Z̄ = 2^-e·(Z̄c − row means of Z̄c) with Z̄c = lhs·buf, lhs = [Wᵀ | (S̄ + S̄ᵀ)/divisor]. The
   // row means are Wᵀ·mean(Ȳ) (the Zc rows have mean zero), so they enter the product as a
   // bias and Z̄ is written straight into z's layout: no Z̄c temporary, no extra pass.
+  // The rescale 2^-e is folded into lhs unless a group's max|z| lies far below 1 (2^-e above
+  // 2^kUnscaledExp): there lhs·2^-e can overflow where Z̄ itself does not (max|z| subnormal:
+  // entries of lhs near 2^5 times 2^125), so Z̄ is formed unscaled and scaled afterwards.
   auto Wt = (weight.defined() ? W * wrow : W).transpose(1, 2);
-  auto lhs = at::cat({Wt, sym_(dS).mul_(2.0 / divisor)}, 2).mul_(rscale);
+  auto lhs = at::cat({Wt, sym_(dS).mul_(2.0 / divisor)}, 2);
+  const bool fold = (rscale <= std::ldexp(1.0, kUnscaledExp)).all().item<bool>();
+  if (fold) lhs.mul_(rscale);
   auto ymean = (weight.defined() ? dbias_acc : dyf.sum(2, /*keepdim=*/true)).div(static_cast<double>(n));
   auto row_means = at::bmm(lhs.narrow(2, 0, r), ymean).squeeze(-1);
   auto dz = apply_into_layout(at::cat({lhs, row_means.neg_().unsqueeze(-1)}, 2), buf, z);
+  if (!fold) as4d(dz).mul_(rscale.view({G, 1, 1, 1}));
   if (!weight.defined()) return {dz};
   return {dz, dweight, dbias};
 }

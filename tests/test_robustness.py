@@ -154,6 +154,28 @@ def test_property_finite(backend, z, T, eps):
     _check_finite(backend, z, T, eps)
 
 
+@pytest.mark.parametrize("backend", FP32_BACKENDS)
+@pytest.mark.parametrize("amax", [1e-39, 2e-38, 1e-30], ids=["subnormal", "smallest-normal", "tiny"])
+def test_gradient_of_a_group_of_tiny_values_is_finite(backend, amax):
+    """A group whose one nonzero value is subnormal (or tiny) has gradients of about 0.015/max|z|
+    (1.5e37 for 1e-39 here, still a float32); no backend may overflow on the way to them. The cpu
+    backend did (found by test_property_finite): it folded the 2^125 rescale into the backward's
+    product matrix before the product. Values against the float64 torch backend, within 1e-4
+    relative: the group's covariance has rank one (eps = 0), so the float32 gradients of the
+    backends, which sum in different orders, differ from float64 by up to 4e-5 relative (measured
+    with T = 5), where the tolerance rule's 2 × the float32 torch backend's error does not hold."""
+    z = torch.zeros(2, 2, 2)
+    z[0] = torch.tensor([[1.0, -2.0], [0.25, 1.0]])
+    z[1, 1, 1] = amax
+    for T in (1, 5):
+        y, dz = _whiten_fwd_bwd(z, T, backend)
+        y64, dz64 = _whiten_fwd_bwd(z.double(), T, "torch")
+        assert torch.isfinite(y).all() and torch.isfinite(dz).all(), (T, describe_error(dz, dz64))
+        for got, want in ((y, y64), (dz, dz64)):
+            err = (got.double() - want).abs().amax() / want.abs().amax()
+            assert err <= 1e-4, (T, describe_error(got, want))
+
+
 # The interpreter runs a whiten call in ~0.2 s: fewer examples for the triton backend.
 @pytest.mark.skipif(not HAS_TRITON, reason="triton backend unavailable here")
 @settings(_settings, max_examples=int(os.environ.get("INTL_KERNELS_HYPOTHESIS_EXAMPLES_TRITON", "25")))
