@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 import torch
@@ -100,3 +101,18 @@ def check_compiled_intl_loss(backend: str, device: str, compile_backend: str | N
     (ge,) = torch.autograd.grad(loss_e, x1e)
     torch.testing.assert_close(loss, loss_e)
     torch.testing.assert_close(g, ge)
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback now (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def one_thread():
+    """Restores torch's thread count after a test that sets it (the trainers' --threads)."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)

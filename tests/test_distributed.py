@@ -4,13 +4,13 @@ the global batch (INTL whitens the global batch on every rank)."""
 from __future__ import annotations
 
 import os
-import socket
 import weakref
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -84,15 +84,9 @@ def _worker(rank, port, out_dir):
     assert world() is None, "the process group outlived destroy_process_group"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_gathered_loss_and_gradients_equal_single_process(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     xs = _data()
     expected = {}
     for form in ("two_view", "multi"):

@@ -38,13 +38,6 @@ def digits_run(tmp_path_factory):
     return exp
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def test_linear_eval_end_to_end_prints_json(digits_run, tmp_path, capsys, one_thread):
     res = linear_eval.main(
         [

@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 
 import pytest
+from conftest import free_port
 
 pytest.importorskip("torchvision", reason="the training tests need torchvision")
 from test_train import make_image_folder  # noqa: E402
@@ -56,12 +56,6 @@ def procs():
     p = Processes()
     yield p
     p.stop()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- the launch check ----------------------------------------------------------------------------
@@ -138,7 +132,7 @@ def test_torchrun_with_restarts_and_a_shared_store_is_refused_by_rank_0(tmp_path
         launcher, environ = ["--standalone"], env()
         del environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"]
     else:
-        launcher = ["--nnodes", "1", "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+        launcher = ["--nnodes", "1", "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
         environ = env()
     (tmp_path / "late_rank_0.py").write_text(LATE_RANK_0)
     environ["PYTHONPATH"] += os.pathsep + str(tmp_path)

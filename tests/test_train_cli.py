@@ -23,13 +23,6 @@ from train.lock import LOCK_NAME  # noqa: E402
 TINY16 = [*TINY, "--crop-size", "16", "--batch-size", "8"]
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("data"), size=16)

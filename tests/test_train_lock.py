@@ -28,13 +28,6 @@ TINY16 = [*TINY, "--crop-size", "16", "--epochs", "100000"]
 HOST = socket.gethostname()
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("data"), size=16)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch._dynamo
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
 pytest.importorskip("torchvision", reason="the training tests need torchvision")
 from test_train import TINY, make_image_folder  # noqa: E402
@@ -46,15 +46,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_collapse_alarm_sees_the_global_batch_of_two_gloo_processes(tmp_path, capsys):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
     assert rank1 == {"healthy": None, "rank3": None}  # rank 0 alone computes and warns
     healthy, collapsed = rank0["healthy"], rank0["rank3"]

@@ -22,13 +22,6 @@ from train.cli import UsageError  # noqa: E402
 TINY16 = [*TINY, "--crop-size", "16", "--batch-size", "8", "--epochs", "50"]
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """Losses of an uninterrupted 6-step run on a tiny folder."""

@@ -600,26 +600,6 @@ def _graph(specs: Sequence[ViewSpec | EvalSpec], encoded: bool, gpu: bool, hw_de
     return tuple(views)
 
 
-def build_pipeline(
-    specs: Sequence[ViewSpec | EvalSpec],
-    batch_size: int,
-    threads: int,
-    device: torch.device,
-    encoded: bool,
-    hw_decoder_load: float = HW_DECODER_LOAD,
-    hue: str = "pil",
-):
-    """A built DALI pipeline of these views, fed per batch (``feed_input``), one batch in flight.
-
-    On a CUDA ``device``: ``mixed`` decode (the hardware JPEG decoder takes ``hw_decoder_load``
-    of the images where there is one), every operator on the GPU. Otherwise DALI's CPU
-    operators (``device_id=None``). ``threads``: DALI's CPU threads. ``hue``: HUE_MODES.
-    """
-    pipe = define_pipeline(specs, batch_size, threads, device, encoded, hw_decoder_load, hue)
-    pipe.build()
-    return pipe
-
-
 def define_pipeline(
     specs: Sequence[ViewSpec | EvalSpec],
     batch_size: int,
@@ -629,7 +609,13 @@ def define_pipeline(
     hw_decoder_load: float = HW_DECODER_LOAD,
     hue: str = "pil",
 ):
-    """The pipeline of ``build_pipeline``, not built yet (building a GPU one needs the GPU)."""
+    """A DALI pipeline of these views, fed per batch (``feed_input``), one batch in flight; not
+    built yet (building a GPU one needs the GPU).
+
+    On a CUDA ``device``: ``mixed`` decode (the hardware JPEG decoder takes ``hw_decoder_load``
+    of the images where there is one), every operator on the GPU. Otherwise DALI's CPU
+    operators (``device_id=None``). ``threads``: DALI's CPU threads. ``hue``: HUE_MODES.
+    """
     if hue not in HUE_MODES:
         raise ValueError(f"hue must be one of {HUE_MODES}, got {hue!r}")
     from nvidia.dali import pipeline_def
@@ -734,7 +720,7 @@ class DaliLoader:
     def _pipeline(self):
         if self._pipe is None:
             encoded = self.inputs.encoded
-            self._pipe = build_pipeline(
+            self._pipe = define_pipeline(
                 self.specs,
                 self.batch_size,
                 self.threads,
@@ -743,6 +729,7 @@ class DaliLoader:
                 self.hw_decoder_load,
                 self.hue,
             )
+            self._pipe.build()
         return self._pipe
 
     def _submit(self, batch: _Batch) -> None:
